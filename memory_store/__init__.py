@@ -1,0 +1,22 @@
+"""memchat's external memory as a library: numpy + FAISS + SQLAlchemy, no model code.
+
+See docs/memory_store_api.md for the contract with `app/`.
+"""
+
+from .errors import CorruptMemory, MemoryStoreError, SessionNotFound, ShapeError, StaleMemory
+from .params import MemoryParams
+from .store import KnnResult, MessageMemoryStats, SearchResult, SessionMemory, WriteStats
+
+__all__ = [
+    "CorruptMemory",
+    "KnnResult",
+    "MemoryParams",
+    "MemoryStoreError",
+    "MessageMemoryStats",
+    "SearchResult",
+    "SessionMemory",
+    "SessionNotFound",
+    "ShapeError",
+    "StaleMemory",
+    "WriteStats",
+]

@@ -1,0 +1,214 @@
+"""`VectorIndex`: a FAISS index that mirrors the rows of a table of vectors.
+
+Labels returned by `search` are table rows (``-1`` = no neighbour). The index picks its kind from
+the table size: exact ``IndexFlatIP`` / ``IndexFlatL2`` up to ``exact_max`` rows, ``IndexHNSWFlat``
+above.
+
+- Flat: appends go straight in, in-place updates overwrite the stored vectors, removals drop the
+  index and it is rebuilt lazily from the table at the next search (a memcpy-sized cost).
+- HNSW: the graph cannot delete or move a vector, so removed and updated rows become tombstones
+  (skipped with an ``IDSelectorBitmap``) and updated rows are re-added under a new label; the graph
+  is rebuilt once tombstones pass a quarter of it, or the table shrinks back to ``exact_max``.
+
+The flat path is exact and deterministic: a table rebuilt from the same rows answers bit-for-bit
+the same. HNSW answers are approximate (recall < 1) and its graph depends on the insertion history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import faiss
+import numpy as np
+
+Metric = Literal["ip", "l2"]
+_FAISS_METRIC = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+
+
+def as_f32(x: np.ndarray, dim: int) -> np.ndarray:
+    """`x` as a C-contiguous float32 matrix [n, dim] (what FAISS needs)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    assert x.ndim == 2 and x.shape[1] == dim, (x.shape, dim)
+    return x
+
+
+class VectorIndex:
+    """FAISS index over the rows of a table whose vectors `source()` returns as float32 [n, dim]."""
+
+    def __init__(
+        self,
+        dim: int,
+        metric: Metric,
+        exact_max: int,
+        source: Callable[[], np.ndarray],
+        hnsw_m: int = 32,
+        ef_construction: int = 64,
+        ef_search: int = 128,
+    ):
+        self.dim = dim
+        self.metric = metric
+        self.exact_max = exact_max
+        self.source = source
+        self.hnsw_m = hnsw_m
+        self.ef_construction = ef_construction
+        self.ef_search = ef_search
+        self.n = 0  # rows of the table
+        # faiss' stubs lack the subclasses' methods, hence Any; None = rebuild before searching
+        self._index: Any = None
+        self._hnsw = False
+        # HNSW only: label -> table row (-1 = tombstone), table row -> label, bitmap of live labels
+        self._row_of_label = np.zeros(0, dtype=np.int64)
+        self._label_of_row = np.zeros(0, dtype=np.int64)
+        self._live_bits: np.ndarray | None = None
+
+    @property
+    def kind(self) -> str:
+        """'flat' or 'hnsw': the kind the next search uses."""
+        return "hnsw" if self.n > self.exact_max else "flat"
+
+    def append(self, x: np.ndarray) -> None:
+        """Rows n..n+m-1 of the table were appended with vectors `x` [m, dim]."""
+        x = as_f32(x, self.dim)
+        m = len(x)
+        self.n += m
+        if self._index is None or m == 0:
+            return
+        if not self._hnsw and self.n > self.exact_max:
+            self._index = None  # crossing exact_max: rebuild as HNSW from the whole table
+        elif not self._hnsw:
+            self._index.add(x)
+        else:
+            first = self._index.ntotal
+            self._index.add(x)
+            self._row_of_label = np.concatenate(
+                [self._row_of_label, np.arange(self.n - m, self.n, dtype=np.int64)]
+            )
+            self._label_of_row = np.concatenate(
+                [self._label_of_row, np.arange(first, first + m, dtype=np.int64)]
+            )
+            self._live_bits = None
+
+    def update(self, rows: np.ndarray, x: np.ndarray) -> None:
+        """Vectors of existing table `rows` [m] changed to `x` [m, dim] (rows unique)."""
+        x = as_f32(x, self.dim)
+        rows = np.asarray(rows, dtype=np.int64)
+        assert len(rows) == len(x)
+        if self._index is None or len(rows) == 0:
+            return
+        if not self._hnsw:
+            ntotal = self._index.ntotal
+            xb = faiss.rev_swig_ptr(self._index.get_xb(), ntotal * self.dim).reshape(
+                ntotal, self.dim
+            )
+            xb[rows] = x
+            return
+        self._row_of_label[self._label_of_row[rows]] = -1
+        first = self._index.ntotal
+        self._index.add(x)
+        self._row_of_label = np.concatenate([self._row_of_label, rows])
+        self._label_of_row[rows] = np.arange(first, first + len(rows), dtype=np.int64)
+        self._live_bits = None
+        self._maybe_drop_hnsw()
+
+    def remove(self, keep: np.ndarray) -> None:
+        """The table kept only the rows where `keep` [n] is True (order preserved)."""
+        assert keep.shape == (self.n,)
+        self.n = int(keep.sum())
+        if self._index is None:
+            return
+        if not self._hnsw:
+            self._index = None
+            return
+        new_row = np.cumsum(keep) - 1
+        self._row_of_label[self._label_of_row[~keep]] = -1
+        live = self._row_of_label >= 0
+        self._row_of_label[live] = new_row[self._row_of_label[live]]
+        self._label_of_row = self._label_of_row[keep]
+        self._live_bits = None
+        self._maybe_drop_hnsw()
+
+    def resync(self, n: int) -> None:
+        """The table now has `n` rows of unknown history: rebuild from `source()` when searched."""
+        self.n = n
+        self._index = None
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k rows for each query `q` [Q, dim]: (distances float32 [Q, k], rows int64 [Q, k]).
+
+        Distances are inner products (metric 'ip', descending) or squared L2 (ascending); where the
+        row is -1 the distance is undefined (FAISS fills +-FLT_MAX).
+        """
+        q = as_f32(q, self.dim)
+        if self.n == 0 or k == 0 or len(q) == 0:
+            fill = np.float32(
+                -np.finfo(np.float32).max if self.metric == "ip" else np.finfo(np.float32).max
+            )
+            return np.full((len(q), k), fill, dtype=np.float32), np.full(
+                (len(q), k), -1, dtype=np.int64
+            )
+        index = self._ensure()
+        if not self._hnsw:
+            dist, rows = index.search(q, k)
+            return dist, rows
+        params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]  # not in the stubs
+        params.efSearch = max(self.ef_search, k)
+        bits = self._bitmap()
+        if bits is not None:
+            params.sel = faiss.IDSelectorBitmap(index.ntotal, faiss.swig_ptr(bits))
+        dist, labels = index.search(q, k, params=params)
+        rows = np.where(labels >= 0, self._row_of_label[np.maximum(labels, 0)], -1)
+        return dist, rows
+
+    def nbytes(self) -> int:
+        """Approximate RAM of the FAISS structures (vectors, plus graph links for HNSW)."""
+        if self._index is None:
+            return 0
+        per_vector = 4 * self.dim + (2 * self.hnsw_m * 4 + 16 if self._hnsw else 0)
+        return (
+            int(self._index.ntotal) * per_vector
+            + self._row_of_label.nbytes
+            + self._label_of_row.nbytes
+        )
+
+    # --- internals -------------------------------------------------------------------------------
+
+    def _ensure(self) -> Any:
+        if self._index is None:
+            self._build()
+        assert self._index is not None
+        return self._index
+
+    def _build(self) -> None:
+        x = as_f32(self.source(), self.dim)
+        assert len(x) == self.n, (len(x), self.n)
+        self._hnsw = self.n > self.exact_max
+        if self._hnsw:
+            index: Any = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, _FAISS_METRIC[self.metric])
+            index.hnsw.efConstruction = self.ef_construction
+            self._row_of_label = np.arange(self.n, dtype=np.int64)
+            self._label_of_row = np.arange(self.n, dtype=np.int64)
+        else:
+            index = (
+                faiss.IndexFlatIP(self.dim) if self.metric == "ip" else faiss.IndexFlatL2(self.dim)
+            )
+            self._row_of_label = np.zeros(0, dtype=np.int64)
+            self._label_of_row = np.zeros(0, dtype=np.int64)
+        index.add(x)
+        self._index = index
+        self._live_bits = None
+
+    def _maybe_drop_hnsw(self) -> None:
+        assert self._index is not None
+        tombstones = self._index.ntotal - self.n
+        if self.n <= self.exact_max or tombstones * 4 > self._index.ntotal:
+            self._index = None
+
+    def _bitmap(self) -> np.ndarray | None:
+        """Packed bitmap of live labels (None when there is no tombstone)."""
+        assert self._index is not None
+        if self._index.ntotal == self.n:
+            return None
+        if self._live_bits is None:
+            self._live_bits = np.packbits(self._row_of_label >= 0, bitorder="little")
+        return self._live_bits

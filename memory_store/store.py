@@ -1,0 +1,727 @@
+"""`SessionMemory`: one conversation's memory of the model's own keys and values.
+
+One *slot* per (layer, KV head) holds entries (pre-RoPE key, value, token/message ids, strength); a
+FAISS index per slot serves the attention read (top-k by inner product). Beside the slots, a kNN-LM
+store holds one entry per remembered token (final hidden state -> next token) for the output read.
+
+Entries live in parallel numpy columns (`ColumnTable`) in insertion order = ascending entry id, so
+a search label is a row and ``searchsorted`` maps ids to rows. Entry ids are ``write base + token
+index`` (one session-wide counter), so the entries a token left in different slots share its id,
+and ids are never reused. Vectors are rounded to float16 precision when written (values and kNN
+hidden states are kept as float16, keys as float32 for FAISS and the merge test), so what SQL
+stores as fp16 reloads bit-exact.
+
+Strength is ``s0 * decay ** (turn - refreshed)``: advancing the clock (`set_turn`) rewrites
+nothing. Each entry carries dirty flags (``put``: payload changed or new; ``state``:
+s0/refreshed/attention changed) and a storage ``ref``; `memory_store.persistence` uses them to
+write only what changed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from .columns import ColumnTable, Schema
+from .errors import ShapeError
+from .index import VectorIndex
+from .params import MemoryParams
+
+_TINY = np.float32(1e-12)  # norm guard for the cosine of an all-zero key
+_MERGE_BLOCK = 256  # queries per block of the exact cosine scan (bounds its temporary to 256 x N)
+
+
+# --- results -------------------------------------------------------------------------------------
+
+
+@dataclass
+class SearchResult:
+    """Top-k memory entries per KV head and query; shapes [H, Q, k] (and [H, Q, k, D])."""
+
+    ids: np.ndarray  # int64, stable entry id within the slot, -1 = no neighbour
+    scores: np.ndarray  # float32, raw inner product q . key (0 where id == -1)
+    log_strength: np.ndarray  # float32, log of the current strength (-inf where id == -1)
+    values: np.ndarray  # float32 [H, Q, k, D] (0 where id == -1)
+    keys: np.ndarray  # float32 [H, Q, k, D] (0 where id == -1)
+
+
+@dataclass
+class KnnResult:
+    """Output-level (kNN-LM) neighbours; shapes [Q, k]."""
+
+    next_token_ids: np.ndarray  # int64, -1 = no neighbour
+    distances: np.ndarray  # float32, squared L2 (+inf where missing)
+    log_strength: np.ndarray  # float32 (-inf where missing)
+    ids: np.ndarray  # int64, kNN entry id (-1 where missing)
+
+
+@dataclass
+class WriteStats:
+    """Totals over all (layer, head) slots of one `write`."""
+
+    added: int = 0
+    merged: int = 0
+
+
+@dataclass
+class MessageMemoryStats:
+    """What memory holds of one message (strengths at the current turn)."""
+
+    message_id: int
+    entries: int  # slot entries over all (layer, head)
+    tokens: int  # kNN entries = remembered tokens
+    mean_strength: float
+    min_strength: float
+    turn_written: int  # earliest turn an entry of the message was written
+    attention: float  # attention mass its entries received
+
+
+@dataclass
+class StorageState:
+    """What the database holds of this memory; kept and used by `memory_store.persistence` only."""
+
+    seq: int = 0  # saves the database holds (ChatSession.memory_seq); the next save is seq + 1
+    snapshot_seq: int = -1  # save that wrote the latest state snapshot, -1 none
+    log_bytes: int = 0  # bytes of state-log rows since that snapshot
+    log_rows: int = 0
+    chunk_n: dict[int, int] = field(default_factory=dict)  # chunk ref -> records it holds
+    chunk_live: dict[int, int] = field(default_factory=dict)  # chunk ref -> records still current
+
+
+# --- strength ------------------------------------------------------------------------------------
+
+
+def strength(s0: np.ndarray, refreshed: np.ndarray, turn: int, decay: float) -> np.ndarray:
+    """Current strength s0 * decay ** (turn - refreshed), float64."""
+    return s0.astype(np.float64) * np.power(float(decay), (turn - refreshed).astype(np.float64))
+
+
+def log_strength(s0: np.ndarray, refreshed: np.ndarray, turn: int, decay: float) -> np.ndarray:
+    """log of the current strength, float32 (in log space: no underflow for old entries)."""
+    age = (turn - refreshed).astype(np.float64)
+    with np.errstate(divide="ignore"):
+        return (np.log(s0.astype(np.float64)) + age * np.log(float(decay))).astype(np.float32)
+
+
+def round_f16(x: np.ndarray) -> np.ndarray:
+    """float32 copy of `x` rounded to float16 precision (what SQL stores: reloads are bit-exact)."""
+    return np.asarray(x).astype(np.float16).astype(np.float32)
+
+
+# --- input checks --------------------------------------------------------------------------------
+
+
+def _check(name: str, x: npt.ArrayLike, shape: tuple[int | None, ...], kind: str) -> np.ndarray:
+    """`x` as an array of `shape` (None = any size) with dtype kind in `kind`, else ShapeError."""
+    x = np.asarray(x)
+    if x.ndim != len(shape) or any(
+        s is not None and s != d for s, d in zip(shape, x.shape, strict=True)
+    ):
+        raise ShapeError(f"{name}: expected shape {shape}, got {x.shape}")
+    if x.dtype.kind not in kind and x.size:  # an empty list comes in as float64
+        raise ShapeError(f"{name}: expected dtype kind {kind!r}, got {x.dtype}")
+    return x
+
+
+def batch_roots(unit: np.ndarray, threshold: float) -> np.ndarray:
+    """Within one write of unit keys [T, D]: for each key, the first earlier key that starts an
+    entry (has no earlier key as similar itself) with cosine >= threshold, else -1."""
+    T = len(unit)
+    starts = np.ones(T, dtype=bool)
+    for i in range(0, T, _MERGE_BLOCK):  # blocks of rows bound the temporary to 256 x T
+        hit = (unit[i : i + _MERGE_BLOCK] @ unit.T) >= threshold  # (B, T)
+        hit &= np.arange(T)[None, :] < np.arange(i, i + len(hit))[:, None]  # earlier keys only
+        starts[i : i + len(hit)] = ~hit.any(axis=1)
+    root = np.full(T, -1, dtype=np.int64)
+    for i in range(0, T, _MERGE_BLOCK):
+        hit = (unit[i : i + _MERGE_BLOCK] @ unit.T) >= threshold
+        hit &= np.arange(T)[None, :] < np.arange(i, i + len(hit))[:, None]
+        hit &= starts[None, :]
+        joins = hit.any(axis=1) & ~starts[i : i + len(hit)]
+        root[i : i + len(hit)][joins] = hit.argmax(axis=1)[joins]
+    return root
+
+
+# --- one table of entries + its index ------------------------------------------------------------
+
+
+def _common_schema() -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    return {
+        "id": (np.dtype(np.int64), ()),
+        "message_id": (np.dtype(np.int64), ()),
+        "token_id": (np.dtype(np.int64), ()),
+        "position": (np.dtype(np.int32), ()),
+        "turn_written": (np.dtype(np.int32), ()),
+        "s0": (np.dtype(np.float32), ()),
+        "refreshed": (np.dtype(np.int32), ()),
+        "attention": (np.dtype(np.float32), ()),
+        # storage chunk holding the entry's current payload, -1 = not stored yet
+        "ref": (np.dtype(np.int64), ()),
+        "put": (np.dtype(np.bool_), ()),  # payload new or changed since the last save
+        "state": (np.dtype(np.bool_), ()),  # s0/refreshed/attention changed since the last save
+    }
+
+
+class EntryStore:
+    """Entries of one slot (or of the kNN store) with their FAISS index and dirty tracking."""
+
+    def __init__(self, schema: Schema, index: VectorIndex):
+        self.table = ColumnTable(schema)
+        self.index = index
+        # (ids, refs) of stored entries removed since the last save
+        self.dropped: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def __len__(self) -> int:
+        return self.table.n
+
+    def col(self, name: str) -> np.ndarray:
+        """Writable view of column `name` over the live entries."""
+        return self.table.col(name)
+
+    def rows_of(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, present) of entry `ids`; rows are 0 where absent."""
+        idcol = self.col("id")
+        rows = np.minimum(np.searchsorted(idcol, ids), max(len(idcol) - 1, 0))
+        present = (idcol[rows] == ids) if len(idcol) else np.zeros(len(ids), dtype=bool)
+        return np.where(present, rows, 0), present
+
+    def load_rows(self, rows: dict[str, np.ndarray]) -> None:
+        """Append stored entries (clean, sorted by id, after any present); index built lazily."""
+        self.table.append(rows)
+        self.index.resync(len(self))
+
+    def remove(self, mask: np.ndarray) -> int:
+        """Drop the entries where `mask` is True; remember the stored ones for the next save."""
+        m = int(mask.sum())
+        if m == 0:
+            return 0
+        ref = self.col("ref")[mask]
+        stored = ref >= 0
+        if stored.any():
+            self.dropped.append((self.col("id")[mask][stored].copy(), ref[stored].copy()))
+        keep = ~mask
+        self.table.keep(keep)
+        self.index.remove(keep)
+        return m
+
+    def evict(self, turn: int, params: MemoryParams) -> int:
+        """Remove entries below the floor, then the weakest (oldest first on ties) over capacity."""
+        if len(self) == 0:
+            return 0
+        s = strength(self.col("s0"), self.col("refreshed"), turn, params.decay)
+        drop = s < params.floor
+        excess = int((~drop).sum()) - params.capacity
+        if excess > 0:
+            alive = np.flatnonzero(~drop)
+            order = np.lexsort((self.col("id")[alive], s[alive]))  # weakest first, then oldest
+            drop[alive[order[:excess]]] = True
+        return self.remove(drop)
+
+    def forget_message(self, message_id: int) -> int:
+        """Remove every entry of `message_id`."""
+        return self.remove(self.col("message_id") == message_id)
+
+    def forget_all(self) -> int:
+        """Remove every entry."""
+        return self.remove(np.ones(len(self), dtype=bool))
+
+    def nbytes(self) -> int:
+        """RAM of the columns (with spare capacity) and of the index."""
+        return self.table.nbytes() + self.index.nbytes()
+
+
+class KeySlot(EntryStore):
+    """One (layer, KV head): pre-RoPE keys (float32, fp16-rounded) and values (float16)."""
+
+    def __init__(self, head_dim: int, params: MemoryParams):
+        schema = _common_schema()
+        schema.update(
+            key=(np.dtype(np.float32), (head_dim,)),
+            value=(np.dtype(np.float16), (head_dim,)),
+            knorm=(np.dtype(np.float32), ()),  # |key|, cached for the merge test
+        )
+        index = VectorIndex(
+            head_dim,
+            "ip",
+            params.exact_max,
+            lambda: self.col("key"),
+            params.hnsw_m,
+            params.hnsw_ef_construction,
+            params.hnsw_ef_search,
+        )
+        super().__init__(schema, index)
+        self.head_dim = head_dim
+        self.params = params
+
+    def search_into(self, q: np.ndarray, k: int, turn: int, out: SearchResult, h: int) -> None:
+        """Top-k entries for queries `q` [Q, D], written into row `h` of the [H, ...] arrays of
+        `out` (which arrive zeroed, ids -1 and log_strength -inf: only hits are filled)."""
+        if len(self) == 0:
+            return
+        dist, rows = self.index.search(q, k)
+        hit = rows >= 0
+        if hit.all():  # the common case: no masking
+            out.ids[h] = self.col("id")[rows]
+            out.scores[h] = dist
+            out.log_strength[h] = log_strength(
+                self.col("s0")[rows], self.col("refreshed")[rows], turn, self.params.decay
+            )
+            out.values[h] = self.col("value")[rows]
+            out.keys[h] = self.col("key")[rows]
+            return
+        r = rows[hit]
+        out.ids[h][hit] = self.col("id")[r]
+        out.scores[h][hit] = dist[hit]
+        ls = log_strength(self.col("s0")[r], self.col("refreshed")[r], turn, self.params.decay)
+        out.log_strength[h][hit] = ls
+        out.values[h][hit] = self.col("value")[r]
+        out.keys[h][hit] = self.col("key")[r]
+
+    def nearest_cosine(self, unit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For unit queries [T, D]: (row of the existing key of highest cosine, that cosine).
+
+        Exact scan while the slot is flat; above exact_max the candidates are the IP index's top
+        max(32, top_k) for the unit query (approximate, as the index itself).
+        """
+        keys, inv = self.col("key"), 1.0 / np.maximum(self.col("knorm"), _TINY)
+        if self.index.kind == "flat":
+            best = np.empty(len(unit), dtype=np.int64)
+            cos = np.empty(len(unit), dtype=np.float32)
+            for i in range(0, len(unit), _MERGE_BLOCK):
+                sims = (unit[i : i + _MERGE_BLOCK] @ keys.T) * inv  # (B, N)
+                best[i : i + _MERGE_BLOCK] = sims.argmax(axis=1)
+                cos[i : i + _MERGE_BLOCK] = sims[np.arange(len(sims)), best[i : i + _MERGE_BLOCK]]
+            return best, cos
+        _, rows = self.index.search(unit, max(32, self.params.top_k))
+        r = np.maximum(rows, 0)
+        sims = np.einsum("tcd,td->tc", keys[r], unit) * inv[r]  # (T, C)
+        sims[rows < 0] = -np.inf
+        pick = sims.argmax(axis=1)
+        return r[np.arange(len(r)), pick], sims[np.arange(len(r)), pick].astype(np.float32)
+
+    def write(
+        self, keys: np.ndarray, values: np.ndarray, meta: dict[str, np.ndarray], turn: int
+    ) -> tuple[int, int]:
+        """Add or merge T incoming entries; keys float32 [T, D] fp16-rounded, values float16 [T, D].
+
+        An incoming key merges into the existing entry of highest cosine when that cosine reaches
+        merge_threshold. Among the keys of one write that match nothing, a key merges into the first
+        earlier one that starts a new entry itself and is as similar. Several merges into one entry
+        apply in token order. Returns (added, merged).
+        """
+        p, n0, T = self.params, len(self), len(keys)
+        norms = np.linalg.norm(keys, axis=1).astype(np.float32)
+        unit = keys / np.maximum(norms, _TINY)[:, None]
+        target = np.full(T, -1, dtype=np.int64)  # existing row each token merges into
+        if n0 and p.merge_threshold <= 1.0:
+            best, cos = self.nearest_cosine(unit)
+            target = np.where(cos >= p.merge_threshold, best, -1)
+        root = np.full(T, -1, dtype=np.int64)  # earlier token of this write each token merges into
+        free = np.flatnonzero(target < 0)
+        if len(free) > 1 and p.merge_threshold <= 1.0:
+            first = batch_roots(unit[free], p.merge_threshold)
+            root[free[first >= 0]] = free[first[first >= 0]]
+        new = (target < 0) & (root < 0)
+
+        row_of = np.full(T, -1, dtype=np.int64)
+        row_of[new] = n0 + np.arange(int(new.sum()))
+        m = int(new.sum())
+        self.table.append(
+            {
+                "id": meta["id"][new],
+                "message_id": meta["message_id"][new],
+                "token_id": meta["token_id"][new],
+                "position": meta["position"][new],
+                "turn_written": np.full(m, turn, np.int32),
+                "s0": np.ones(m, np.float32),
+                "refreshed": np.full(m, turn, np.int32),
+                "attention": np.zeros(m, np.float32),
+                "ref": np.full(m, -1, np.int64),
+                "put": np.ones(m, bool),
+                "state": np.zeros(m, bool),
+                "key": keys[new],
+                "value": values[new],
+                "knorm": norms[new],
+            }
+        )
+        merging = np.flatnonzero(~new)
+        rows = np.where(target[merging] >= 0, target[merging], row_of[np.maximum(root[merging], 0)])
+        self._merge(rows, keys[merging], values[merging], turn)
+        self.index.append(self.col("key")[n0:])
+        old = np.unique(rows[rows < n0])
+        self.index.update(old, self.col("key")[old])
+        return m, len(merging)
+
+    def _merge(self, rows: np.ndarray, keys: np.ndarray, values: np.ndarray, turn: int) -> None:
+        """m <- m + w (h - m) for key and value, in rounds so repeated rows apply in token order."""
+        if len(rows) == 0:
+            return
+        w = np.float32(self.params.merge_weight)
+        K, V = self.col("key"), self.col("value")
+        pending = np.arange(len(rows))
+        while len(pending):
+            # the first pending merge of each row, applied together
+            _, first = np.unique(rows[pending], return_index=True)
+            sel = pending[first]
+            r = rows[sel]
+            K[r] = round_f16(K[r] + w * (keys[sel] - K[r]))
+            v = V[r].astype(np.float32)
+            V[r] = (v + w * (values[sel].astype(np.float32) - v)).astype(np.float16)
+            pending = np.delete(pending, first)
+        r = np.unique(rows)
+        self.col("knorm")[r] = np.linalg.norm(K[r], axis=1)
+        self.col("s0")[r] = 1.0
+        self.col("refreshed")[r] = turn
+        self.col("put")[r] = True
+
+    def reinforce(self, ids: np.ndarray, mass: np.ndarray, turn: int) -> int:
+        """Add attention `mass` to entries `ids` (-1 and unknown ids skipped); refresh strength if
+        params.reinforce > 0. Returns the number of entries touched."""
+        ok = ids >= 0
+        uid, inv = np.unique(ids[ok], return_inverse=True)
+        total = np.bincount(inv, weights=mass[ok].astype(np.float64), minlength=len(uid))
+        rows, present = self.rows_of(uid)
+        rows, total = rows[present], total[present]
+        if len(rows) == 0:
+            return 0
+        att = self.col("attention")
+        att[rows] = (att[rows] + total).astype(np.float32)
+        if self.params.reinforce > 0:
+            s0, ref = self.col("s0"), self.col("refreshed")
+            now = strength(s0[rows], ref[rows], turn, self.params.decay)
+            s0[rows] = np.minimum(1.0, now + self.params.reinforce * total).astype(np.float32)
+            ref[rows] = turn
+        self.col("state")[rows] = True
+        return len(rows)
+
+
+class KnnStore(EntryStore):
+    """kNN-LM entries: final hidden state [Dm] (float16) -> next token id; L2 index."""
+
+    def __init__(self, hidden_dim: int, params: MemoryParams):
+        schema = _common_schema()
+        schema.update(
+            hidden=(np.dtype(np.float16), (hidden_dim,)), next_token_id=(np.dtype(np.int64), ())
+        )
+        index = VectorIndex(
+            hidden_dim,
+            "l2",
+            params.exact_max,
+            lambda: self.col("hidden").astype(np.float32),
+            params.hnsw_m,
+            params.hnsw_ef_construction,
+            params.hnsw_ef_search,
+        )
+        super().__init__(schema, index)
+        self.params = params
+
+    def write(
+        self, hidden: np.ndarray, next_token_ids: np.ndarray, meta: dict[str, np.ndarray], turn: int
+    ) -> int:
+        """Append one entry per token (no merge); hidden float16 [T, Dm]."""
+        T = len(hidden)
+        self.table.append(
+            {
+                "id": meta["id"],
+                "message_id": meta["message_id"],
+                "token_id": meta["token_id"],
+                "position": meta["position"],
+                "turn_written": np.full(T, turn, np.int32),
+                "s0": np.ones(T, np.float32),
+                "refreshed": np.full(T, turn, np.int32),
+                "attention": np.zeros(T, np.float32),
+                "ref": np.full(T, -1, np.int64),
+                "put": np.ones(T, bool),
+                "state": np.zeros(T, bool),
+                "hidden": hidden,
+                "next_token_id": next_token_ids,
+            }
+        )
+        self.index.append(hidden.astype(np.float32))
+        return T
+
+    def search(self, h: np.ndarray, k: int, turn: int) -> KnnResult:
+        """Top-k entries by squared L2 distance for hidden states `h` [Q, Dm]."""
+        dist, rows = self.index.search(h, k)
+        miss = rows < 0
+        r = np.where(miss, 0, rows)
+        if len(self) == 0:
+            return KnnResult(
+                rows.copy(),
+                np.full(rows.shape, np.inf, np.float32),
+                np.full(rows.shape, -np.inf, np.float32),
+                rows,
+            )
+        ls = log_strength(self.col("s0")[r], self.col("refreshed")[r], turn, self.params.decay)
+        ls[miss] = -np.inf
+        return KnnResult(
+            next_token_ids=np.where(miss, -1, self.col("next_token_id")[r]),
+            distances=np.where(miss, np.float32(np.inf), dist).astype(np.float32),
+            log_strength=ls,
+            ids=np.where(miss, -1, self.col("id")[r]),
+        )
+
+
+# --- the session memory --------------------------------------------------------------------------
+
+
+class SessionMemory:
+    """Memory of one chat session: L x H key slots plus the kNN-LM token store.
+
+    Args:
+        n_layers, n_kv_heads, head_dim: L, H, D of the model's attention.
+        hidden_dim: Dm, size of the final hidden state (kNN-LM keys).
+        params: MemoryParams (defaults if None).
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        n_kv_heads: int,
+        head_dim: int,
+        hidden_dim: int,
+        params: MemoryParams | None = None,
+    ):
+        if min(n_layers, n_kv_heads, head_dim, hidden_dim) < 1:
+            raise ShapeError(
+                f"dimensions must be positive: {(n_layers, n_kv_heads, head_dim, hidden_dim)}"
+            )
+        self.n_layers, self.n_kv_heads, self.head_dim, self.hidden_dim = (
+            n_layers,
+            n_kv_heads,
+            head_dim,
+            hidden_dim,
+        )
+        self.params = params or MemoryParams()
+        self.turn = 0
+        self.next_id = 0  # next slot entry id (ids are never reused)
+        self.next_knn_id = 0
+        self.slots = [
+            [KeySlot(head_dim, self.params) for _ in range(n_kv_heads)] for _ in range(n_layers)
+        ]
+        self.knn = KnnStore(hidden_dim, self.params)
+        self.storage = StorageState()
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(L, H, D, Dm)."""
+        return self.n_layers, self.n_kv_heads, self.head_dim, self.hidden_dim
+
+    def stores(self) -> list[EntryStore]:
+        """Every slot (layer-major) then the kNN store."""
+        return [s for layer in self.slots for s in layer] + [self.knn]
+
+    def slot(self, layer: int, head: int) -> KeySlot:
+        """The slot of (layer, head); IndexError outside the model's dimensions."""
+        if not (0 <= layer < self.n_layers and 0 <= head < self.n_kv_heads):
+            raise IndexError(
+                f"no slot ({layer}, {head}) in a memory of {self.n_layers} x {self.n_kv_heads}"
+            )
+        return self.slots[layer][head]
+
+    # --- clock ---
+
+    def set_turn(self, turn: int) -> None:
+        """Advance the clock; strengths are computed for this turn (nothing is rewritten)."""
+        if turn < self.turn:
+            raise ValueError(f"turn cannot go back ({turn} < {self.turn})")
+        self.turn = int(turn)
+
+    # --- read ---
+
+    def search(self, layer: int, queries: npt.ArrayLike, k: int | None = None) -> SearchResult:
+        """Top-k memory entries of every KV head of `layer` for queries float32 [H, Q, D].
+
+        One FAISS search per head. Returns ids/scores/log_strength [H, Q, k] and values/keys
+        [H, Q, k, D].
+        """
+        k = self.params.top_k if k is None else int(k)
+        q = _check("queries", queries, (self.n_kv_heads, None, self.head_dim), "f")
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        H, Q, D = q.shape
+        out = SearchResult(
+            ids=np.full((H, Q, k), -1, dtype=np.int64),
+            scores=np.zeros((H, Q, k), dtype=np.float32),
+            log_strength=np.full((H, Q, k), -np.inf, dtype=np.float32),
+            values=np.zeros((H, Q, k, D), dtype=np.float32),
+            keys=np.zeros((H, Q, k, D), dtype=np.float32),
+        )
+        for h in range(H):
+            self.slot(layer, h).search_into(q[h], k, self.turn, out, h)
+        return out
+
+    def knn_search(self, hidden: npt.ArrayLike, k: int | None = None) -> KnnResult:
+        """kNN-LM read: top-k remembered tokens by squared L2 distance of hidden [Q, Dm]."""
+        k = self.params.knn_k if k is None else int(k)
+        h = _check("hidden", hidden, (None, self.hidden_dim), "f")
+        return self.knn.search(np.ascontiguousarray(h, dtype=np.float32), k, self.turn)
+
+    # --- write ---
+
+    def write(
+        self,
+        keys: npt.ArrayLike,
+        values: npt.ArrayLike,
+        token_ids: npt.ArrayLike,
+        message_ids: npt.ArrayLike,
+        positions: npt.ArrayLike,
+    ) -> WriteStats:
+        """Write the tokens that left the window: pre-RoPE keys and values [L, H, T, D].
+
+        Vectors are rounded to float16 precision; see `KeySlot.write` for the merge rule. Entries
+        are written at `self.turn` with strength 1.
+        """
+        L, H, D = self.n_layers, self.n_kv_heads, self.head_dim
+        keys = _check("keys", keys, (L, H, None, D), "f")
+        T = keys.shape[2]
+        values = _check("values", values, (L, H, T, D), "f")
+        meta = self._meta(token_ids, message_ids, positions, T, self.next_id)
+        if T == 0:
+            return WriteStats()
+        self.next_id += T
+        k32, v16 = round_f16(keys), values.astype(np.float16)
+        stats = WriteStats()
+        for layer in range(L):
+            for head in range(H):
+                added, merged = self.slots[layer][head].write(
+                    k32[layer, head], v16[layer, head], meta, self.turn
+                )
+                stats.added += added
+                stats.merged += merged
+        return stats
+
+    def write_knn(
+        self,
+        hidden: npt.ArrayLike,
+        next_token_ids: npt.ArrayLike,
+        token_ids: npt.ArrayLike,
+        message_ids: npt.ArrayLike,
+        positions: npt.ArrayLike,
+    ) -> int:
+        """Add one kNN-LM entry per token: hidden state [T, Dm] -> next token id [T]. Returns T."""
+        h = _check("hidden", hidden, (None, self.hidden_dim), "f")
+        T = len(h)
+        nxt = _check("next_token_ids", next_token_ids, (T,), "iu").astype(np.int64)
+        meta = self._meta(token_ids, message_ids, positions, T, self.next_knn_id)
+        self.next_knn_id += T
+        return self.knn.write(h.astype(np.float16), nxt, meta, self.turn)
+
+    def _meta(
+        self,
+        token_ids: npt.ArrayLike,
+        message_ids: npt.ArrayLike,
+        positions: npt.ArrayLike,
+        T: int,
+        base: int,
+    ) -> dict[str, np.ndarray]:
+        return {
+            "id": base + np.arange(T, dtype=np.int64),
+            "token_id": _check("token_ids", token_ids, (T,), "iu").astype(np.int64),
+            "message_id": _check("message_ids", message_ids, (T,), "iu").astype(np.int64),
+            "position": _check("positions", positions, (T,), "iu").astype(np.int32),
+        }
+
+    # --- strength and removal ---
+
+    def reinforce(self, layer: int, head: int, ids: npt.ArrayLike, mass: npt.ArrayLike) -> int:
+        """Record attention `mass` [n] received by entries `ids` [n] of (layer, head).
+
+        Adds to `attention`; if params.reinforce > 0 also s0 <- min(1, s_now + reinforce * mass) and
+        refreshed <- turn. Repeated ids add up; -1 and ids no longer present are skipped.
+        Returns the number of distinct entries touched.
+        """
+        ids = _check("ids", ids, (None,), "iu").astype(np.int64)
+        mass = _check("mass", mass, (len(ids),), "f")
+        return self.slot(layer, head).reinforce(ids, mass, self.turn)
+
+    def evict(self) -> int:
+        """Drop entries below the floor and over capacity (weakest first), in all slots and kNN."""
+        return sum(s.evict(self.turn, self.params) for s in self.stores())
+
+    def forget_message(self, message_id: int) -> int:
+        """Remove every entry of `message_id` (all slots and kNN); returns how many."""
+        return sum(s.forget_message(int(message_id)) for s in self.stores())
+
+    def forget_all(self) -> int:
+        """Remove every entry; returns how many."""
+        return sum(s.forget_all() for s in self.stores())
+
+    # --- introspection ---
+
+    def entry_count(self) -> int:
+        """Entries over all (layer, head) slots (the kNN store not counted)."""
+        return sum(len(s) for layer in self.slots for s in layer)
+
+    def slot_size(self, layer: int, head: int) -> int:
+        """Entries of one (layer, head) slot."""
+        return len(self.slot(layer, head))
+
+    def token_count(self) -> int:
+        """kNN entries = remembered tokens."""
+        return len(self.knn)
+
+    def nbytes(self) -> int:
+        """Approximate RAM of the stored arrays and the FAISS indexes."""
+        return sum(s.nbytes() for s in self.stores())
+
+    def entry_info(
+        self, layer: int, head: int, ids: npt.ArrayLike
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(message_ids int64, token_ids int64, positions int32) of entries `ids` (any shape);
+        -1 where an id is absent."""
+        slot = self.slot(layer, head)
+        ids = np.asarray(ids, dtype=np.int64)
+        rows, present = slot.rows_of(ids.ravel())
+        if len(slot) == 0:
+            missing = np.full(ids.shape, -1, dtype=np.int64)
+            return missing, missing.copy(), missing.astype(np.int32)
+        out = []
+        for name in ("message_id", "token_id", "position"):
+            col = slot.col(name)
+            out.append(np.where(present, col[rows], -1).astype(col.dtype).reshape(ids.shape))
+        return out[0], out[1], out[2]
+
+    def message_stats(self) -> dict[int, MessageMemoryStats]:
+        """Per message id: entries, tokens, mean/min strength, earliest turn_written, attention.
+
+        Strength statistics are over the message's slot entries (its kNN entries if it has none).
+        """
+        slots = [s for layer in self.slots for s in layer]
+        cat = {
+            name: np.concatenate([s.col(name) for s in slots])
+            for name in ("message_id", "s0", "refreshed", "turn_written", "attention")
+        }
+        s_all = strength(cat["s0"], cat["refreshed"], self.turn, self.params.decay)
+        knn_s = strength(
+            self.knn.col("s0"), self.knn.col("refreshed"), self.turn, self.params.decay
+        )
+        mids = np.unique(np.concatenate([cat["message_id"], self.knn.col("message_id")]))
+        out: dict[int, MessageMemoryStats] = {}
+        slot_groups = _groups(cat["message_id"], mids)
+        knn_groups = _groups(self.knn.col("message_id"), mids)
+        for i, mid in enumerate(mids.tolist()):
+            sel, ksel = slot_groups[i], knn_groups[i]
+            s = s_all[sel] if len(sel) else knn_s[ksel]
+            tw = cat["turn_written"][sel] if len(sel) else self.knn.col("turn_written")[ksel]
+            out[mid] = MessageMemoryStats(
+                message_id=mid,
+                entries=len(sel),
+                tokens=len(ksel),
+                mean_strength=float(s.mean()),
+                min_strength=float(s.min()),
+                turn_written=int(tw.min()),
+                attention=float(cat["attention"][sel].sum()),
+            )
+        return out
+
+
+def _groups(keys: np.ndarray, uniq: np.ndarray) -> list[np.ndarray]:
+    """Row indices of `keys` equal to each value of the sorted `uniq`."""
+    order = np.argsort(keys, kind="stable")
+    bounds = (
+        np.searchsorted(keys[order], uniq, side="left"),
+        np.searchsorted(keys[order], uniq, side="right"),
+    )
+    return [order[a:b] for a, b in zip(*bounds, strict=True)]

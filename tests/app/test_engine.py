@@ -1,0 +1,126 @@
+"""The chat engine with the real model: recall through memory, persistence, one transaction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sqlalchemy import select
+
+from app.engine import Engine, SessionOptions
+from memory_store.models import Message
+
+FILLER = [
+    ("What causes rainbows?", "Sunlight is bent and split into colours by raindrops."),
+    ("How do I boil pasta?", "Bring salted water to a boil, add the pasta and stir now and then."),
+    ("Why do leaves change colour?", "Chlorophyll breaks down in autumn and other pigments show."),
+    ("What is a good warm-up?", "Light jogging and a few dynamic stretches for five minutes."),
+    ("How far is the Moon?", "About 384,000 kilometres from the Earth on average."),
+    ("How do I clean a cast iron pan?", "Rinse it with hot water, dry it well and oil it lightly."),
+]
+FACT = "Hi! I have a cat called Pumpkin."
+QUESTION = "What is my cat called?"
+CANDIDATES = ["Pumpkin", "Oliver", "Shadow", "Mittens", "Felix"]
+
+
+def _history() -> list[dict[str, str]]:
+    msgs = [{"role": "user", "content": FACT}, {"role": "assistant", "content": "Nice! How can I help?"}]
+    for q, a in FILLER:
+        msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    return msgs
+
+
+def _scores(engine: Engine, sid: str) -> list[float]:
+    return engine.score_replies(sid, QUESTION, [f"Your cat is called {c}." for c in CANDIDATES])
+
+
+def test_fact_outside_window_is_recalled_through_memory(engine_factory, sqlite_db: str) -> None:
+    engine = engine_factory(sqlite_db, window=128)
+    with_mem = engine.create_session(options=SessionOptions(memory_enabled=True))
+    without = engine.create_session(options=SessionOptions(memory_enabled=False))
+    for sid in (with_mem, without):
+        engine.import_messages(sid, _history())
+    with engine.db() as db:
+        fact = db.scalar(select(Message).where(Message.session_id == with_mem, Message.seq == 1))
+        assert fact is not None and fact.content == FACT and fact.location == "memory"
+    assert engine.state(with_mem).memory.token_count() > 0
+    s_mem, s_none = _scores(engine, with_mem), _scores(engine, without)
+    assert int(np.argmax(s_mem)) == 0, s_mem
+    assert int(np.argmax(s_none)) != 0, s_none
+
+
+def test_special_tokens_never_enter_memory(engine_factory, sqlite_db: str) -> None:
+    engine = engine_factory(sqlite_db, window=96)
+    sid = engine.create_session()
+    engine.import_messages(sid, _history()[:6])
+    mem = engine.state(sid).memory
+    special = set(engine.lm.tokenizer.all_special_ids)
+    assert mem.token_count() > 0
+    for layer in (0, 29):
+        for head in range(3):
+            n = mem.slot_size(layer, head)
+            _, token_ids, _ = mem.entry_info(layer, head, np.arange(n, dtype=np.int64))
+            assert not special & set(token_ids.tolist())
+
+
+def _roundtrip(engine_factory, url: str) -> None:
+    first = engine_factory(url, window=128)
+    sid = first.create_session()
+    first.import_messages(sid, _history())
+    reply = "".join(first.chat(sid, "Thanks! Any tip for a rainy day?", max_new_tokens=12))
+    assert reply.strip()
+    before = _scores(first, sid)  # a dry run: drops its RAM state afterwards
+    # a new engine over the same database is a restart: everything comes from SQL
+    second = engine_factory(url, window=128)
+    st = second.state(sid)
+    assert st.turn == first.state(sid).turn
+    after = _scores(second, sid)
+    assert before == after
+
+
+def test_restart_reads_equal_sqlite(engine_factory, sqlite_db: str) -> None:
+    _roundtrip(engine_factory, sqlite_db)
+
+
+def test_restart_reads_equal_postgres(engine_factory, pg_url: str) -> None:
+    _roundtrip(engine_factory, pg_url)
+
+
+def test_failed_turn_leaves_session_as_it_was(engine_factory, sqlite_db: str, monkeypatch) -> None:
+    engine = engine_factory(sqlite_db, window=128)
+    sid = engine.create_session()
+    engine.import_messages(sid, _history())
+    before = _scores(engine, sid)
+    with engine.db() as db:
+        n_messages = len(db.scalars(select(Message).where(Message.session_id == sid)).all())
+    turn = engine.state(sid).turn
+    tokens = engine.state(sid).memory.token_count()
+
+    import app.engine as engine_mod
+
+    def boom(*_a: object, **_k: object) -> None:
+        raise RuntimeError("disk on fire")
+
+    # fail inside the commit, after the messages were added and the memory changed in RAM
+    monkeypatch.setattr(engine_mod, "save_memory", boom)
+    with pytest.raises(RuntimeError):
+        "".join(engine.chat(sid, "Tell me about volcanoes in one long paragraph.", max_new_tokens=40))
+    monkeypatch.undo()
+
+    with engine.db() as db:
+        assert len(db.scalars(select(Message).where(Message.session_id == sid)).all()) == n_messages
+    st = engine.state(sid)
+    assert st.turn == turn and st.memory.token_count() == tokens
+    assert _scores(engine, sid) == before
+
+
+def test_chat_streams_and_persists_the_turn(engine_factory, sqlite_db: str) -> None:
+    engine = engine_factory(sqlite_db, window=256)
+    sid = engine.create_session()
+    pieces = list(engine.chat(sid, "Say hello in French.", max_new_tokens=16))
+    assert len(pieces) >= 2 and "".join(pieces).strip()
+    stats = engine.last_stats
+    assert stats is not None and stats.completion_tokens > 0
+    with engine.db() as db:
+        rows = db.scalars(select(Message).where(Message.session_id == sid).order_by(Message.seq)).all()
+    assert [r.role for r in rows][-2:] == ["user", "assistant"]
+    assert rows[-1].content == "".join(pieces)

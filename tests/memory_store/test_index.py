@@ -1,0 +1,105 @@
+"""VectorIndex against a brute-force numpy oracle, through appends, updates and removals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ms_oracle import recall, topk_ip, topk_l2
+
+from memory_store.index import VectorIndex
+
+
+class Table:
+    """The table a VectorIndex mirrors: a growing float32 matrix."""
+
+    def __init__(self, dim: int, metric: str, exact_max: int):
+        self.x = np.zeros((0, dim), dtype=np.float32)
+        self.index = VectorIndex(dim, metric, exact_max, lambda: self.x, hnsw_m=16)  # type: ignore[arg-type]
+
+    def append(self, v: np.ndarray) -> None:
+        self.x = np.concatenate([self.x, v])
+        self.index.append(v)
+
+    def update(self, rows: np.ndarray, v: np.ndarray) -> None:
+        self.x[rows] = v
+        self.index.update(rows, v)
+
+    def remove(self, keep: np.ndarray) -> None:
+        self.x = self.x[keep]
+        self.index.remove(keep)
+
+
+def _churn(t: Table, rng: np.random.Generator, rounds: int, dim: int) -> None:
+    for _ in range(rounds):
+        t.append(rng.standard_normal((int(rng.integers(1, 40)), dim)).astype(np.float32))
+        if len(t.x) > 5:
+            rows = rng.choice(len(t.x), 3, replace=False)
+            t.update(rows, rng.standard_normal((3, dim)).astype(np.float32))
+            t.remove(rng.random(len(t.x)) > 0.1)
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_flat_matches_brute_force(metric):
+    rng = np.random.default_rng(0)
+    t = Table(16, metric, exact_max=10_000)
+    oracle = topk_ip if metric == "ip" else topk_l2
+    for _ in range(6):
+        _churn(t, rng, 3, 16)
+        q = rng.standard_normal((25, 16)).astype(np.float32)
+        dist, rows = t.index.search(q, 8)
+        true_rows, true_dist = oracle(q, t.x, 8)
+        assert t.index.kind == "flat"
+        np.testing.assert_array_equal(rows, true_rows)
+        np.testing.assert_allclose(dist, true_dist, rtol=1e-4, atol=1e-4)
+
+
+def test_missing_neighbours_are_minus_one():
+    t = Table(4, "ip", exact_max=100)
+    q = np.ones((2, 4), dtype=np.float32)
+    _, rows = t.index.search(q, 3)
+    assert (rows == -1).all()
+    t.append(np.eye(4, dtype=np.float32)[:2])
+    _, rows = t.index.search(q, 3)
+    assert sorted(rows[0, :2].tolist()) == [0, 1] and (rows[:, 2] == -1).all()
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_hnsw_recall_with_tombstones(metric):
+    rng = np.random.default_rng(1)
+    dim = 16
+    t = Table(dim, metric, exact_max=60)
+    t.append(rng.standard_normal((400, dim)).astype(np.float32))
+    oracle = topk_ip if metric == "ip" else topk_l2
+    q = rng.standard_normal((50, dim)).astype(np.float32)
+    _, rows = t.index.search(q, 10)
+    assert t.index.kind == "hnsw"
+    assert recall(rows, oracle(q, t.x, 10)[0]) >= 0.9
+    # updates re-add under new labels, removals leave tombstones: still right rows, good recall
+    t.update(np.arange(0, 400, 7), rng.standard_normal((58, dim)).astype(np.float32))
+    keep = np.ones(len(t.x), dtype=bool)
+    keep[rng.choice(len(t.x), 60, replace=False)] = False
+    t.remove(keep)
+    dist, rows = t.index.search(q, 10)
+    true_rows, _ = oracle(q, t.x, 10)
+    assert recall(rows, true_rows) >= 0.9
+    assert rows.max() < len(t.x)
+    # a returned row's distance is that row's true distance (labels map back to the right rows)
+    r = rows[rows >= 0]
+    qq = np.repeat(q, 10, axis=0)[(rows >= 0).ravel()]
+    want = (qq * t.x[r]).sum(1) if metric == "ip" else ((qq - t.x[r]) ** 2).sum(1)
+    np.testing.assert_allclose(dist[rows >= 0], want, rtol=1e-4, atol=1e-3)
+
+
+def test_switches_back_to_flat_below_exact_max():
+    rng = np.random.default_rng(2)
+    t = Table(8, "ip", exact_max=50)
+    t.append(rng.standard_normal((80, 8)).astype(np.float32))
+    t.index.search(np.ones((1, 8), np.float32), 4)
+    assert t.index.kind == "hnsw"
+    keep = np.zeros(80, dtype=bool)
+    keep[:40] = True
+    t.remove(keep)
+    q = rng.standard_normal((10, 8)).astype(np.float32)
+    _, rows = t.index.search(q, 5)
+    assert t.index.kind == "flat"
+    np.testing.assert_array_equal(rows, topk_ip(q, t.x, 5)[0])

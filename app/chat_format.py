@@ -57,7 +57,9 @@ class ChatFormat:
         before = self._render(base)
         after = self._render(base + [{"role": role, "content": content}])
         if after[: len(before)] != before:
-            raise ValueError("chat template is not prefix-stable; memchat needs a ChatML-like template")
+            raise ValueError(
+                "chat template is not prefix-stable; memchat needs a ChatML-like template"
+            )
         return np.asarray(after[len(before) :], dtype=np.int64)
 
     def encode(self, role: str, content: str) -> EncodedMessage:

@@ -1,4 +1,4 @@
-"""Command line: ``prepare-model``, ``chat`` (a terminal chat with persistent memory) and ``bench``."""
+"""Command line: ``prepare-model``, ``chat`` (terminal chat, persistent memory) and ``bench``."""
 
 from __future__ import annotations
 
@@ -42,7 +42,9 @@ def cmd_chat(settings: Settings, args: argparse.Namespace) -> int:
     engine = _engine(settings, args.window)
     sid = engine.find_session(args.session)
     if sid is None:
-        sid = engine.create_session(name=args.session, options=SessionOptions(system_prompt=args.system))
+        sid = engine.create_session(
+            name=args.session, options=SessionOptions(system_prompt=args.system)
+        )
         print(f"new session {args.session!r} ({settings.database_url})", file=sys.stderr)
     else:
         st = engine.state(sid)
@@ -90,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("prepare-model", help="prepare the model cache and print its directory")
     chat = sub.add_parser("chat", help="chat in the terminal")
     chat.add_argument("--session", default="default", help="session name (created if new)")
-    chat.add_argument("--window", type=int, default=None, help="working window in tokens (new sessions)")
+    chat.add_argument(
+        "--window", type=int, default=None, help="working window in tokens (new sessions)"
+    )
     chat.add_argument("--system", default=None, help="system prompt (new sessions)")
     bench = sub.add_parser("bench", help="run a benchmark (recall, perf)")
     bench.add_argument("name", choices=["recall", "perf"])

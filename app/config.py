@@ -1,4 +1,4 @@
-"""Settings: one pydantic-settings class, read from the environment (prefix ``MEMCHAT_``) and ``.env``."""
+"""Settings: one pydantic-settings class, from the environment (``MEMCHAT_*``) and ``.env``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 def default_cache_dir() -> Path:
-    """Where the dequantized model is cached (``$XDG_CACHE_HOME/memchat`` or ``~/.cache/memchat``)."""
+    """Dequantized model cache: ``$XDG_CACHE_HOME/memchat`` or ``~/.cache/memchat``."""
     import os
 
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -23,9 +23,12 @@ class Settings(BaseSettings):
 
     database_url: str = Field("sqlite:///memchat.db", description="SQLAlchemy URL of the store.")
     model_path: Path | None = Field(
-        None, description="Local Hugging Face Llama-family model directory; unset = bundled SmolLM2."
+        None,
+        description="Local Hugging Face Llama-family model directory; unset = bundled SmolLM2.",
     )
-    cache_dir: Path = Field(default_factory=default_cache_dir, description="Dequantized model cache.")
+    cache_dir: Path = Field(
+        default_factory=default_cache_dir, description="Dequantized model cache."
+    )
     window: int = Field(1024, ge=32, description="Working window in tokens.")
     max_new_tokens: int = Field(256, ge=1, description="Reply length cap per turn.")
     threads: int | None = Field(None, ge=1, description="torch threads; unset = torch default.")

@@ -157,13 +157,18 @@ class Engine:
 
     # ----- sessions -------------------------------------------------------------------------
     def create_session(
-        self, name: str | None = None, title: str | None = None, options: SessionOptions | None = None
+        self,
+        name: str | None = None,
+        title: str | None = None,
+        options: SessionOptions | None = None,
     ) -> str:
         """Create a session row (and its pinned system block) and return its id."""
         opts = options or SessionOptions()
         window = opts.window or self.window
         if window > self.max_positions:
-            raise WindowTooSmall(f"window {window} exceeds the model's {self.max_positions} positions")
+            raise WindowTooSmall(
+                f"window {window} exceeds the model's {self.max_positions} positions"
+            )
         params = opts.params or self.params
         read = opts.read or self.read
         sid = uuid.uuid4().hex
@@ -184,7 +189,9 @@ class Engine:
                     turn=0,
                 )
             )
-        state = self._new_state(sid, window, opts.memory_enabled, replace(read, collect_mass=True), params)
+        state = self._new_state(
+            sid, window, opts.memory_enabled, replace(read, collect_mass=True), params
+        )
         system = self.fmt.system_block(opts.system_prompt)
         with state.lock:
             if len(system.token_ids):
@@ -237,7 +244,9 @@ class Engine:
             params = MemoryParams.from_dict(p.get("memory", {}))
             read = ReadConfig(**p.get("read", {}))
             st = self._new_state(sid, row.window, bool(p.get("memory_enabled", True)), read, params)
-            st.memory = load_memory(db, sid, self.n_layers, self.n_kv, self.head_dim, self.hidden_dim, params)
+            st.memory = load_memory(
+                db, sid, self.n_layers, self.n_kv, self.head_dim, self.hidden_dim, params
+            )
             st.turn = row.turn
             st.memory.set_turn(row.turn)
             messages = {
@@ -253,7 +262,12 @@ class Engine:
             values = torch.from_numpy(np.asarray(s.values, dtype=np.float32)).to(self.model.dtype)
             hidden = torch.from_numpy(np.asarray(s.hidden, dtype=np.float32))
             entry = WindowEntry(
-                seq, role, ids, self.fmt.content_mask(role, ids), hidden, st.cache.length,
+                seq,
+                role,
+                ids,
+                self.fmt.content_mask(role, ids),
+                hidden,
+                st.cache.length,
                 pinned=role == "system" and seq == 0,
             )
             st.cache.append(keys, values)
@@ -305,17 +319,30 @@ class Engine:
             e.start -= end - start
         st.evicted.append(entry.seq)
 
-    def _run(self, st: SessionState, ids: np.ndarray, commit: bool = True) -> ForwardOutput:
-        """One forward pass after the window, accumulating the memory mass for reinforcement."""
+    def _run(
+        self, st: SessionState, ids: np.ndarray, commit: bool = True, logits_from: int | None = -1
+    ) -> ForwardOutput:
+        """One forward pass after the window (log-probabilities from ``logits_from`` on; the last
+        token's by default), accumulating the memory mass for reinforcement."""
         memory = st.memory if st.memory_enabled else None
-        out = forward(self.model, torch.from_numpy(ids), st.cache, memory, st.read, commit=commit)
+        out = forward(
+            self.model,
+            torch.from_numpy(ids),
+            st.cache,
+            memory,
+            st.read,
+            commit=commit,
+            logits_from=logits_from,
+        )
         if out.memory_mass:
             for layer, lm in enumerate(out.memory_mass):
                 for head in range(len(lm.ids)):
                     st.mass.setdefault((layer, head), []).append((lm.ids[head], lm.mass[head]))
         return out
 
-    def _process(self, st: SessionState, enc: EncodedMessage, pinned: bool = False, content: str = "") -> int:
+    def _process(
+        self, st: SessionState, enc: EncodedMessage, pinned: bool = False, content: str = ""
+    ) -> int:
         """Run a whole message through the model into the window; returns its seq."""
         return self._process_many(st, [(enc, content, st.turn)], pinned)[0]
 
@@ -328,7 +355,7 @@ class Engine:
         if not pinned:
             self._make_room(st, len(ids))
         start = st.cache.length
-        out = self._run(st, ids)
+        out = self._run(st, ids, logits_from=None)
         seqs = []
         offset = 0
         for enc, content, turn in batch:
@@ -362,7 +389,10 @@ class Engine:
             budget = max(1, st.window_size // 4)
             for m in messages:
                 enc = self.fmt.encode(m["role"], m["content"])
-                if batch and sum(len(e.token_ids) for e, _, _ in batch) + len(enc.token_ids) > budget:
+                if (
+                    batch
+                    and sum(len(e.token_ids) for e, _, _ in batch) + len(enc.token_ids) > budget
+                ):
                     seqs += self._process_many(st, batch)
                     batch = []
                 if m["role"] == "user":
@@ -423,7 +453,7 @@ class Engine:
                     hiddens.append(out.hidden)
             except GeneratorExit:
                 finish = "cancelled"  # the client stopped reading: keep what was generated
-            out = self._run(st, close)
+            out = self._run(st, close, logits_from=None)
             hiddens.append(out.hidden)
             reply_text = self.lm.tokenizer.decode(generated, skip_special_tokens=True)
             ids = np.concatenate([header, np.asarray(generated, dtype=np.int64), close])
@@ -431,7 +461,9 @@ class Engine:
             st.next_seq += 1
             hidden = torch.cat(hiddens)
             mask = self.fmt.content_mask("assistant", ids)
-            st.entries.append(WindowEntry(seq, "assistant", ids, mask, hidden, st.cache.length - len(ids)))
+            st.entries.append(
+                WindowEntry(seq, "assistant", ids, mask, hidden, st.cache.length - len(ids))
+            )
             st.pending.append(PendingMessage(seq, "assistant", reply_text, st.turn, len(ids)))
             st.new_states.append(seq)
             tw = time.perf_counter()
@@ -464,9 +496,9 @@ class Engine:
                 for reply in replies:
                     rid = self.fmt.reply_ids(reply)
                     ids = np.concatenate([header, rid])
-                    out = self._run(st, ids, commit=False)
-                    # logits at i predict token i+1: the reply tokens are predicted from header end on
-                    lp = out.logits[len(header) - 1 : -1]
+                    # logits at i predict token i+1: the reply is predicted from the header end on
+                    out = self._run(st, ids, commit=False, logits_from=len(header) - 1)
+                    lp = out.logits[:-1]
                     scores.append(float(lp.gather(1, torch.from_numpy(rid).view(-1, 1)).sum()))
                 return scores
         finally:

@@ -23,7 +23,6 @@ from typing import Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -63,7 +62,7 @@ class LayerMass:
 class ForwardOutput:
     """Everything one forward pass produced for its new tokens."""
 
-    logits: torch.Tensor  # (T, V) log-probabilities after the output-level read
+    logits: torch.Tensor  # (T - logits_from, V) log-probabilities after the output-level read
     hidden: torch.Tensor  # (T, Dm) final hidden state (after the last norm)
     keys: torch.Tensor  # (L, H, T, D) keys before RoPE
     values: torch.Tensor  # (L, H, T, D)
@@ -102,11 +101,17 @@ class WindowCache:
         _, rotated = apply_rotary_pos_emb(keys, keys, cos, sin, unsqueeze_dim=0)
         return rotated
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor, keys_rot: torch.Tensor | None = None) -> None:
+    def append(
+        self, keys: torch.Tensor, values: torch.Tensor, keys_rot: torch.Tensor | None = None
+    ) -> None:
         """Add tokens (L, H, T, D) after the current ones; ``keys_rot`` if already rotated."""
         t = keys.shape[2]
         if self.round_fp16:
-            keys, values, keys_rot = keys.half().to(keys.dtype), values.half().to(values.dtype), None
+            keys, values, keys_rot = (
+                keys.half().to(keys.dtype),
+                values.half().to(values.dtype),
+                None,
+            )
         if self.length + t > self.capacity:
             raise ValueError(f"window cache full: {self.length} + {t} > {self.capacity}")
         end = self.length + t
@@ -200,10 +205,10 @@ def knn_mix(
 ) -> torch.Tensor:
     """Output-level read: mix the kNN-LM distribution of the remembered tokens into ``logprobs``
     (T, V). Neighbours vote for the token that followed them with
-    ``softmax(-d / temperature + log strength)``, ``d`` the squared distance relative to the query's
-    squared norm (so one temperature fits any model width). The mixing weight is ``lam`` gated by
-    how close the nearest neighbour is: far neighbours (``d`` above ``knn_gate``) leave the LM alone,
-    which keeps the memory from pulling unrelated remembered tokens into a reply."""
+    ``softmax(-d / temperature + log strength)``, ``d`` the squared distance relative to the
+    query's squared norm (so one temperature fits any model width). The mixing weight is ``lam``
+    gated by how close the nearest neighbour is: far neighbours (``d`` above ``knn_gate``) leave
+    the LM alone, which keeps the memory from pulling unrelated remembered tokens into a reply."""
     if memory is None or cfg.knn_lambda <= 0 or memory.token_count() == 0:
         return logprobs
     query = np.ascontiguousarray(hidden.float().numpy())
@@ -231,11 +236,14 @@ def forward(
     memory: MemoryReader | None,
     cfg: ReadConfig,
     commit: bool = True,
+    logits_from: int | None = 0,
 ) -> ForwardOutput:
     """Run ``input_ids`` (T,) after the window's tokens, reading ``memory`` in every layer.
 
     With ``commit`` the new tokens' keys and values are appended to the window; without it the
-    window is left as it was (used to score candidate replies).
+    window is left as it was (used to score candidate replies). Log-probabilities are computed
+    for the new tokens from index ``logits_from`` on (None: none, as when importing history; the
+    LM head is a fifth of this model's compute).
     """
     cfg_m = model.config
     inner = model.model
@@ -260,7 +268,9 @@ def forward(
         q_rot, k_rot = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=0)
         k_all = torch.cat([window.keys_rot[layer_idx, :, :past], k_rot], dim=1)  # (H, S, D)
         v_all = torch.cat([window.values[layer_idx, :, :past], v], dim=1)
-        out, ids, w_mem, secs = attend(q_rot, k_all, v_all, scaling, past, memory, layer_idx, cfg.top_k)
+        out, ids, w_mem, secs = attend(
+            q_rot, k_all, v_all, scaling, past, memory, layer_idx, cfg.top_k
+        )
         read_s += secs
         if cfg.collect_mass and ids is not None and w_mem is not None:
             masses.append((ids, w_mem))
@@ -268,16 +278,21 @@ def forward(
         h = h + layer.mlp(layer.post_attention_layernorm(h))
 
     hidden = inner.norm(h)  # (T, Dm)
-    logprobs = torch.log_softmax(model.lm_head(hidden).float(), dim=-1)
-    t0 = time.perf_counter()
-    logprobs = knn_mix(logprobs, hidden, memory, cfg)
-    read_s += time.perf_counter() - t0
+    logprobs = torch.empty(0, cfg_m.vocab_size)
+    if logits_from is not None:
+        tail = hidden[logits_from:]
+        logprobs = torch.log_softmax(model.lm_head(tail).float(), dim=-1)
+        t0 = time.perf_counter()
+        logprobs = knn_mix(logprobs, tail, memory, cfg)
+        read_s += time.perf_counter() - t0
 
     keys_t = torch.stack(keys)  # (L, H, T, D)
     values_t = torch.stack(values)
     if commit:
         window.append(keys_t, values_t)
-    out = ForwardOutput(logits=logprobs, hidden=hidden, keys=keys_t, values=values_t, read_seconds=read_s)
+    out = ForwardOutput(
+        logits=logprobs, hidden=hidden, keys=keys_t, values=values_t, read_seconds=read_s
+    )
     if cfg.collect_mass:
         out.memory_mass = [_sum_mass(ids, w) for ids, w in masses]
     return out
@@ -291,7 +306,11 @@ def _sum_mass(ids: np.ndarray, weights: np.ndarray) -> LayerMass:
         keep = flat_ids >= 0
         uniq, inverse = np.unique(flat_ids[keep], return_inverse=True)
         out_ids.append(uniq.astype(np.int64))
-        out_mass.append(np.bincount(inverse, weights=weights[head].ravel()[keep], minlength=len(uniq)).astype(np.float32))
+        out_mass.append(
+            np.bincount(inverse, weights=weights[head].ravel()[keep], minlength=len(uniq)).astype(
+                np.float32
+            )
+        )
     return LayerMass(ids=out_ids, mass=out_mass)
 
 

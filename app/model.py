@@ -82,7 +82,9 @@ def prepare_bundled(cache_dir: Path) -> Path:
     clean = LlamaForCausalLM(LlamaConfig(**cfg))
     missing, unexpected = clean.load_state_dict(quantized.state_dict(), strict=False)
     if [m for m in missing if m != "lm_head.weight"] or unexpected:
-        raise RuntimeError(f"dequantized weights do not fit: missing={missing} unexpected={unexpected}")
+        raise RuntimeError(
+            f"dequantized weights do not fit: missing={missing} unexpected={unexpected}"
+        )
     clean.tie_weights()
     tmp = target.with_name(target.name + ".partial")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -111,12 +113,16 @@ def resolve_model_dir(model_path: Path | None, cache_dir: Path) -> Path:
     return model_path
 
 
-def load_model(model_path: Path | None, cache_dir: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(
+    model_path: Path | None, cache_dir: Path, dtype: torch.dtype = torch.float32
+) -> LoadedModel:
     """Load a frozen Llama-family model and its tokenizer from local files only."""
     directory = resolve_model_dir(model_path, cache_dir)
     config = LlamaConfig.from_pretrained(directory, local_files_only=True)
     if config.model_type != "llama":
-        raise ModelNotFound(f"{directory} holds a {config.model_type!r} model; memchat needs Llama.")
+        raise ModelNotFound(
+            f"{directory} holds a {config.model_type!r} model; memchat needs Llama."
+        )
     model = LlamaForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
     model.eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)

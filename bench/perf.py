@@ -61,7 +61,9 @@ def fill_memory(lm: Any, memory: Any, n_tokens: int, chunk: int = 256, seed: int
         memory.set_turn(msg)
         t0 = time.perf_counter()
         memory.write(keys, values, token_ids, seqs, pos)
-        memory.write_knn(out.hidden.float().numpy(), np.append(token_ids[1:], 2), token_ids, seqs, pos)
+        memory.write_knn(
+            out.hidden.float().numpy(), np.append(token_ids[1:], 2), token_ids, seqs, pos
+        )
         write_times.append(time.perf_counter() - t0)
         msg += 1
     return statistics.median(write_times)
@@ -102,7 +104,9 @@ def hf_generate_rate(lm: Any, n_tokens: int) -> float:
     with torch.inference_mode():
         lm.model.generate(ids, max_new_tokens=4, do_sample=False)  # warm-up
         t0 = time.perf_counter()
-        out = lm.model.generate(ids, max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False)
+        out = lm.model.generate(
+            ids, max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False
+        )
         total = time.perf_counter() - t0
     return round((out.shape[1] - ids.shape[1]) / total, 2)
 
@@ -169,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     result["no_memory"] = median_of(lambda: decode_rate(lm, None, args.tokens, read))
     result["memory"] = {}
     for size in [int(s) for s in args.sizes.split(",") if s]:
-        mem = SessionMemory(cfg.num_hidden_layers, cfg.num_key_value_heads, 64, cfg.hidden_size, params)
+        mem = SessionMemory(
+            cfg.num_hidden_layers, cfg.num_key_value_heads, 64, cfg.hidden_size, params
+        )
         print(f"filling memory to {size} tokens", file=sys.stderr)
         write_s = fill_memory(lm, mem, size)
         rate = median_of(lambda mem=mem: decode_rate(lm, mem, args.tokens, read))
@@ -179,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
             "entries": mem.entry_count(),
             **rate,
             "ratio_to_transformers": round(rate["tokens_per_s"] / hf, 3),
-            "ratio_to_no_memory": round(rate["tokens_per_s"] / result["no_memory"]["tokens_per_s"], 3),
+            "ratio_to_no_memory": round(
+                rate["tokens_per_s"] / result["no_memory"]["tokens_per_s"], 3
+            ),
             "write_seconds_per_256_tokens": round(write_s, 4),
             "ram_bytes_per_token": round(mem.nbytes() / tokens),
             "sql_bytes_per_token": round(sql_bytes(mem, params) / tokens),

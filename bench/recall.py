@@ -30,7 +30,9 @@ def load_cases(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
     return cases[:limit] if limit else cases
 
 
-def run_case(engine: Any, case: dict[str, Any], window: int, memory: bool, gen: bool) -> dict[str, Any]:
+def run_case(
+    engine: Any, case: dict[str, Any], window: int, memory: bool, gen: bool
+) -> dict[str, Any]:
     """Score one case under one condition; returns its per-case record."""
     from app.engine import SessionOptions
 
@@ -62,7 +64,10 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     """mc, gen and wrong_in_conversation overall and by kind."""
 
     def agg(rs: list[dict[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {"n": len(rs), "mc": round(sum(r["mc"] for r in rs) / max(1, len(rs)), 4)}
+        out: dict[str, Any] = {
+            "n": len(rs),
+            "mc": round(sum(r["mc"] for r in rs) / max(1, len(rs)), 4),
+        }
         if rs and "gen" in rs[0]:
             out["gen"] = round(sum(r["gen"] for r in rs) / len(rs), 4)
         return out
@@ -72,7 +77,9 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     s["wrong"] = sum(not r["mc"] for r in records)
     kinds = sorted({r["kind"] for r in records})
     s["by_kind"] = {k: agg([r for r in records if r["kind"] == k]) for k in kinds}
-    s["mean_memory_tokens"] = round(sum(r["memory_tokens"] for r in records) / max(1, len(records)), 1)
+    s["mean_memory_tokens"] = round(
+        sum(r["memory_tokens"] for r in records) / max(1, len(records)), 1
+    )
     return s
 
 
@@ -115,17 +122,29 @@ def main(argv: list[str] | None = None) -> int:
     }
     read = replace(read, **{k: v for k, v in overrides.items() if v is not None})
     params = MemoryParams()
-    p_over = {"decay": args.decay, "merge_threshold": args.merge_threshold, "reinforce": args.reinforce}
+    p_over = {
+        "decay": args.decay,
+        "merge_threshold": args.merge_threshold,
+        "reinforce": args.reinforce,
+    }
     params = replace(params, **{k: v for k, v in p_over.items() if v is not None})
     cases = load_cases(args.file, args.limit)
     full_window = int(getattr(lm.model.config, "max_position_embeddings", 8192))
-    windows = {"window": (args.window, False), "memory": (args.window, True), "full": (full_window, False)}
+    windows = {
+        "window": (args.window, False),
+        "memory": (args.window, True),
+        "full": (full_window, False),
+    }
     conditions = [c.strip() for c in args.conditions.split(",") if c.strip()]
     result: dict[str, Any] = {
         "file": str(args.file),
         "n": len(cases),
         "window": args.window,
-        "read": {"top_k": read.top_k, "knn_lambda": read.knn_lambda, "knn_temperature": read.knn_temperature},
+        "read": {
+            "top_k": read.top_k,
+            "knn_lambda": read.knn_lambda,
+            "knn_temperature": read.knn_temperature,
+        },
         "memory_params": params.to_dict(),
         "conditions": {},
     }

@@ -23,7 +23,10 @@ CANDIDATES = ["Pumpkin", "Oliver", "Shadow", "Mittens", "Felix"]
 
 
 def _history() -> list[dict[str, str]]:
-    msgs = [{"role": "user", "content": FACT}, {"role": "assistant", "content": "Nice! How can I help?"}]
+    msgs = [
+        {"role": "user", "content": FACT},
+        {"role": "assistant", "content": "Nice! How can I help?"},
+    ]
     for q, a in FILLER:
         msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
     return msgs
@@ -103,7 +106,9 @@ def test_failed_turn_leaves_session_as_it_was(engine_factory, sqlite_db: str, mo
     # fail inside the commit, after the messages were added and the memory changed in RAM
     monkeypatch.setattr(engine_mod, "save_memory", boom)
     with pytest.raises(RuntimeError):
-        "".join(engine.chat(sid, "Tell me about volcanoes in one long paragraph.", max_new_tokens=40))
+        "".join(
+            engine.chat(sid, "Tell me about volcanoes in one long paragraph.", max_new_tokens=40)
+        )
     monkeypatch.undo()
 
     with engine.db() as db:
@@ -121,6 +126,8 @@ def test_chat_streams_and_persists_the_turn(engine_factory, sqlite_db: str) -> N
     stats = engine.last_stats
     assert stats is not None and stats.completion_tokens > 0
     with engine.db() as db:
-        rows = db.scalars(select(Message).where(Message.session_id == sid).order_by(Message.seq)).all()
+        rows = db.scalars(
+            select(Message).where(Message.session_id == sid).order_by(Message.seq)
+        ).all()
     assert [r.role for r in rows][-2:] == ["user", "assistant"]
     assert rows[-1].content == "".join(pieces)

@@ -24,7 +24,9 @@ def test_empty_memory_equals_stock_model(lm: LoadedModel) -> None:
     cfg = lm.model.config
     ids = _ids(lm)
     ref = reference_logits(lm.model, ids)
-    empty = SessionMemory(cfg.num_hidden_layers, cfg.num_key_value_heads, 64, cfg.hidden_size, MemoryParams())
+    empty = SessionMemory(
+        cfg.num_hidden_layers, cfg.num_key_value_heads, 64, cfg.hidden_size, MemoryParams()
+    )
     for memory in (None, empty):
         window = WindowCache(lm.model, 256)
         out = forward(lm.model, ids, window, memory, ReadConfig())
@@ -44,8 +46,12 @@ def test_repositioned_window_equals_reencoding(lm: LoadedModel) -> None:
     forward(lm.model, ids, window, None, ReadConfig())
     window.drop_range(0, 5)
     fresh = WindowCache(lm.model, 256)
-    fresh.append(window.keys[:, :, : window.length].clone(), window.values[:, :, : window.length].clone())
-    assert torch.allclose(window.keys_rot[:, :, : window.length], fresh.keys_rot[:, :, : fresh.length])
+    fresh.append(
+        window.keys[:, :, : window.length].clone(), window.values[:, :, : window.length].clone()
+    )
+    assert torch.allclose(
+        window.keys_rot[:, :, : window.length], fresh.keys_rot[:, :, : fresh.length]
+    )
 
 
 class _OneEntryMemory:

@@ -17,7 +17,7 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top-k", type=int, default=None)
     ap.add_argument("--knn-lambda", type=float, default=None)
     ap.add_argument("--knn-temperature", type=float, default=None)
+    ap.add_argument("--knn-gate", type=float, default=None)
     ap.add_argument("--decay", type=float, default=None)
     ap.add_argument("--merge-threshold", type=float, default=None)
     ap.add_argument("--reinforce", type=float, default=None)
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         "top_k": args.top_k,
         "knn_lambda": args.knn_lambda,
         "knn_temperature": args.knn_temperature,
+        "knn_gate": args.knn_gate,
     }
     read = replace(read, **{k: v for k, v in overrides.items() if v is not None})
     params = MemoryParams()
@@ -140,11 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         "file": str(args.file),
         "n": len(cases),
         "window": args.window,
-        "read": {
-            "top_k": read.top_k,
-            "knn_lambda": read.knn_lambda,
-            "knn_temperature": read.knn_temperature,
-        },
+        "read": asdict(read),
         "memory_params": params.to_dict(),
         "conditions": {},
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
@@ -46,10 +47,10 @@ class ChatFormat:
             if generation:
                 text += "<|im_start|>assistant\n"
             return list(self.tokenizer.encode(text, add_special_tokens=False))
-        out = self.tokenizer.apply_chat_template(
+        out: Any = self.tokenizer.apply_chat_template(
             messages, tokenize=True, add_generation_prompt=generation
         )
-        ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
+        ids = out["input_ids"] if hasattr(out, "keys") else out  # BatchEncoding or a list
         return [int(i) for i in ids]
 
     def _message_ids(self, role: str, content: str) -> np.ndarray:

@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from app.config import Settings
 
+if TYPE_CHECKING:  # torch and transformers load only when a command needs them
+    from app.engine import Engine
 
-def _engine(settings: Settings, window: int | None = None):  # noqa: ANN202 - heavy imports inside
+
+def _engine(settings: Settings, window: int | None = None) -> Engine:
     import torch
 
     from app.db import make_sessionmaker

@@ -146,8 +146,10 @@ class Engine:
         self._cache_lock = threading.Lock()
         cfg = self.model.config
         self.n_layers = cfg.num_hidden_layers
-        self.n_kv = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.n_kv = int(cfg.num_key_value_heads or cfg.num_attention_heads)
+        self.head_dim = int(
+            getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        )
         self.hidden_dim = cfg.hidden_size
         self.max_positions = int(getattr(cfg, "max_position_embeddings", 8192))
         self.last_stats: TurnStats | None = None
@@ -441,7 +443,7 @@ class Engine:
                         finish = "stop"
                         break
                     generated.append(nxt)
-                    text_now = self.lm.tokenizer.decode(generated, skip_special_tokens=True)
+                    text_now = str(self.lm.tokenizer.decode(generated, skip_special_tokens=True))
                     if not text_now.endswith("\ufffd") and len(text_now) > len(sent):
                         yield text_now[len(sent) :]
                         sent = text_now
@@ -455,7 +457,7 @@ class Engine:
                 finish = "cancelled"  # the client stopped reading: keep what was generated
             out = self._run(st, close, logits_from=None)
             hiddens.append(out.hidden)
-            reply_text = self.lm.tokenizer.decode(generated, skip_special_tokens=True)
+            reply_text = str(self.lm.tokenizer.decode(generated, skip_special_tokens=True))
             ids = np.concatenate([header, np.asarray(generated, dtype=np.int64), close])
             seq = st.next_seq
             st.next_seq += 1

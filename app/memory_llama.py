@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -32,8 +32,8 @@ class MemoryReader(Protocol):
 
     def entry_count(self) -> int: ...
     def token_count(self) -> int: ...
-    def search(self, layer: int, queries: np.ndarray, k: int): ...  # noqa: ANN201
-    def knn_search(self, hidden: np.ndarray, k: int): ...  # noqa: ANN201
+    def search(self, layer: int, queries: np.ndarray, k: int) -> Any: ...
+    def knn_search(self, hidden: np.ndarray, k: int) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -84,9 +84,11 @@ class WindowCache:
         # window identical to the live one.
         self.round_fp16 = round_fp16
         self.model = model
-        self.n_layers = cfg.num_hidden_layers
-        self.n_kv = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.n_layers = int(cfg.num_hidden_layers)
+        self.n_kv = int(cfg.num_key_value_heads or cfg.num_attention_heads)
+        self.head_dim = int(
+            getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        )
         self.capacity = capacity
         self.length = 0
         shape = (self.n_layers, self.n_kv, capacity, self.head_dim)
@@ -268,13 +270,13 @@ def forward(
         q_rot, k_rot = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=0)
         k_all = torch.cat([window.keys_rot[layer_idx, :, :past], k_rot], dim=1)  # (H, S, D)
         v_all = torch.cat([window.values[layer_idx, :, :past], v], dim=1)
-        out, ids, w_mem, secs = attend(
+        attn_out, ids, w_mem, secs = attend(
             q_rot, k_all, v_all, scaling, past, memory, layer_idx, cfg.top_k
         )
         read_s += secs
         if cfg.collect_mass and ids is not None and w_mem is not None:
             masses.append((ids, w_mem))
-        h = h + attn.o_proj(out)
+        h = h + attn.o_proj(attn_out)
         h = h + layer.mlp(layer.post_attention_layernorm(h))
 
     hidden = inner.norm(h)  # (T, Dm)

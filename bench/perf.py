@@ -128,10 +128,8 @@ def sql_bytes(memory: Any, params: Any) -> int:
             db.add(ChatSession(id="perf", window=256, params={}, model="x", turn=0))
             db.flush()
             save_memory(db, "perf", memory)
-        empty = 0
         engine.dispose()
-        size = path.stat().st_size + sum(p.stat().st_size for p in Path(tmp).glob("m.db-*"))
-        return size - empty
+        return path.stat().st_size + sum(p.stat().st_size for p in Path(tmp).glob("m.db-*"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,9 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     result["no_memory"] = median_of(lambda: decode_rate(lm, None, args.tokens, read))
     result["memory"] = {}
     for size in [int(s) for s in args.sizes.split(",") if s]:
-        mem = SessionMemory(
-            cfg.num_hidden_layers, cfg.num_key_value_heads, 64, cfg.hidden_size, params
-        )
+        n_kv = int(cfg.num_key_value_heads or cfg.num_attention_heads)
+        mem = SessionMemory(cfg.num_hidden_layers, n_kv, 64, cfg.hidden_size, params)
         print(f"filling memory to {size} tokens", file=sys.stderr)
         write_s = fill_memory(lm, mem, size)
         rate = median_of(lambda mem=mem: decode_rate(lm, mem, args.tokens, read))

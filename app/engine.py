@@ -132,6 +132,7 @@ class Engine:
         read: ReadConfig | None = None,
         max_new_tokens: int = 256,
         max_cached_sessions: int = 16,
+        knn_roles: tuple[str, ...] = ("system", "user", "assistant"),
     ) -> None:
         self.lm = lm
         self.model = lm.model
@@ -142,6 +143,7 @@ class Engine:
         self.read = read or ReadConfig()
         self.max_new_tokens = max_new_tokens
         self.max_cached_sessions = max_cached_sessions
+        self.knn_roles = knn_roles  # whose tokens the output-level read may copy
         self._cache: OrderedDict[str, SessionState] = OrderedDict()
         self._cache_lock = threading.Lock()
         cfg = self.model.config
@@ -305,7 +307,7 @@ class Engine:
                 # token followed by a special one (end of message) would teach replies to stop
                 nxt_all = np.append(entry.token_ids[1:], entry.token_ids[-1])
                 kmask = mask & ~np.isin(nxt_all, list(self.fmt.special_ids))
-                if kmask.any():
+                if kmask.any() and entry.role in self.knn_roles:
                     hidden = entry.hidden[torch.from_numpy(kmask)].float().numpy()
                     st.memory.write_knn(
                         hidden,

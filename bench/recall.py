@@ -100,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--merge-threshold", type=float, default=None)
     ap.add_argument("--reinforce", type=float, default=None)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument(
+        "--knn-roles",
+        default="system,user,assistant",
+        help="roles whose tokens the kNN read copies",
+    )
     args = ap.parse_args(argv)
 
     import torch
@@ -143,12 +148,21 @@ def main(argv: list[str] | None = None) -> int:
         "n": len(cases),
         "window": args.window,
         "read": asdict(read),
+        "knn_roles": args.knn_roles,
         "memory_params": params.to_dict(),
         "conditions": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
         db = make_sessionmaker(f"sqlite:///{tmp}/bench.db")
-        engine = Engine(lm, db, window=args.window, params=params, read=read, max_new_tokens=32)
+        engine = Engine(
+            lm,
+            db,
+            window=args.window,
+            params=params,
+            read=read,
+            max_new_tokens=32,
+            knn_roles=tuple(r.strip() for r in args.knn_roles.split(",")),
+        )
         for cond in conditions:
             window, memory = windows[cond]
             t0 = time.time()

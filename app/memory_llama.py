@@ -18,7 +18,7 @@ Shapes leave out the batch dimension: one sequence at a time.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -68,7 +68,6 @@ class ForwardOutput:
     values: torch.Tensor  # (L, H, T, D)
     memory_mass: list[LayerMass] | None = None  # per layer, when ReadConfig.collect_mass
     read_seconds: float = 0.0  # time spent in memory search and gather
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 class WindowCache:

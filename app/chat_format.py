@@ -39,7 +39,9 @@ class ChatFormat:
             if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
                 self.stop_ids.add(tid)
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
-        self._cache: dict[tuple[str, str], np.ndarray] = {}
+        # fixed token runs, rendered once instead of on every turn
+        self._header = self._generation_header()
+        self._close = self._close_reply()
 
     def _render(self, messages: list[dict[str, str]], generation: bool = False) -> list[int]:
         if not self.has_template:  # ChatML by hand for tokenizers without a template
@@ -104,6 +106,13 @@ class ChatFormat:
 
     def generation_header(self) -> np.ndarray:
         """Tokens that open the assistant's reply (e.g. ``<|im_start|>assistant\\n``)."""
+        return self._header
+
+    def close_reply(self) -> np.ndarray:
+        """Tokens that end an assistant message after its content (footer)."""
+        return self._close
+
+    def _generation_header(self) -> np.ndarray:
         base = [{"role": "system", "content": _PROBE_SYSTEM}, {"role": "user", "content": "x"}]
         before = self._render(base)
         after = self._render(base, generation=True)
@@ -114,8 +123,7 @@ class ChatFormat:
         enc = self.encode("assistant", text)
         return enc.token_ids[enc.content_mask]
 
-    def close_reply(self) -> np.ndarray:
-        """Tokens that end an assistant message after its content (footer)."""
+    def _close_reply(self) -> np.ndarray:
         _, foot = self._frame("assistant")
         ids = self._message_ids("assistant", "x")
         return ids[len(ids) - foot :]

@@ -14,13 +14,16 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import faiss
 import numpy as np
 import torch
-from sqlalchemy import select
+from sqlalchemy import delete, select, text, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as DbSession
 from sqlalchemy.orm import sessionmaker
 
@@ -28,8 +31,8 @@ from app.chat_format import ChatFormat, EncodedMessage
 from app.memory_llama import ForwardOutput, ReadConfig, WindowCache, forward
 from app.model import LoadedModel
 from memory_store import MemoryParams, SessionMemory
-from memory_store.errors import SessionNotFound
-from memory_store.models import ChatSession, Message
+from memory_store.errors import InvalidExport, SessionNotFound
+from memory_store.models import Base, ChatSession, Message
 from memory_store.persistence import (
     delete_message_state,
     load_memory,
@@ -37,12 +40,55 @@ from memory_store.persistence import (
     save_memory,
     save_message_state,
 )
+from memory_store.transfer import export_session, import_session
 
 ROLES = ("system", "user", "assistant")
 
 
 class WindowTooSmall(ValueError):
     """A message does not fit in the session's working window even after evicting the rest."""
+
+
+class SessionBusy(RuntimeError):
+    """Another turn held the session for longer than the engine's wait bound."""
+
+
+class MessageNotFound(LookupError):
+    """The session has no message with this id."""
+
+
+class PinnedMessage(ValueError):
+    """The message is pinned in the window (the system prompt) and cannot be forgotten."""
+
+
+class _LockTable:
+    """One lock per session id in this process, dropped once nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._mu = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}
+
+    @contextmanager
+    def hold(self, key: str, timeout: float) -> Iterator[None]:
+        with self._mu:
+            lock, users = self._locks.get(key, (threading.Lock(), 0))
+            self._locks[key] = (lock, users + 1)
+        try:
+            if not lock.acquire(timeout=max(0.0, timeout)):
+                raise SessionBusy(
+                    f"session {key} is busy with another turn; tried for {timeout:.0f} s"
+                )
+            try:
+                yield
+            finally:
+                lock.release()
+        finally:
+            with self._mu:
+                lock, users = self._locks[key]
+                if users == 1:
+                    del self._locks[key]
+                else:
+                    self._locks[key] = (lock, users - 1)
 
 
 @dataclass
@@ -90,14 +136,45 @@ class SessionState:
     pending: list[PendingMessage] = field(default_factory=list)
     new_states: list[int] = field(default_factory=list)  # seqs whose window state must be saved
     evicted: list[int] = field(default_factory=list)  # seqs moved out of the window this turn
+    forgotten: list[int] = field(default_factory=list)  # seqs whose states were forgotten
     mass: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
-    last_read: dict[int, float] = field(default_factory=dict)  # message seq -> attention mass
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    last_read: ReadReport | None = None  # what the memory read gave attention to last turn
+
+
+BANDS = ("lower", "middle", "upper")
+
+
+@dataclass
+class ReadReport:
+    """Attention mass the memory read gave, per message and per remembered token.
+
+    ``messages[seq]`` and ``tokens[(seq, position)]`` hold the mass per layer band (lower,
+    middle, upper third of the layers), summed over KV heads, query heads and query tokens;
+    ``token_ids[(seq, position)]`` is the token there. ``queries`` is the number of query tokens
+    and ``heads`` the attention heads per layer: the mass a memory could get at most is
+    ``queries * heads * layers``.
+    """
+
+    messages: dict[int, np.ndarray]
+    tokens: dict[tuple[int, int], np.ndarray]
+    token_ids: dict[tuple[int, int], int]
+    queries: int
+    heads: int
+    layers: int
+
+    def top_messages(self, n: int) -> list[tuple[int, float]]:
+        """The ``n`` messages that received the most mass, as (seq, mass)."""
+        ranked = sorted(self.messages.items(), key=lambda kv: -float(kv[1].sum()))
+        return [(seq, float(m.sum())) for seq, m in ranked[:n]]
+
+    @property
+    def total(self) -> float:
+        return float(sum(float(m.sum()) for m in self.messages.values()))
 
 
 @dataclass(frozen=True)
 class TurnStats:
-    """Figures of the last turn, for usage reports and benchmarks."""
+    """Figures of one turn, for usage reports and benchmarks."""
 
     prompt_tokens: int
     completion_tokens: int
@@ -106,7 +183,65 @@ class TurnStats:
     read_seconds: float
     write_seconds: float
     seconds: float
+    first_token_seconds: float | None
     finish_reason: str
+    user_message_id: int
+    reply_message_id: int
+    read: ReadReport | None
+
+
+class Turn:
+    """A turn in progress: iterate for the reply's text pieces; ``stats`` is set once it ended.
+
+    Closing it early (``close()``) ends the turn with what was generated so far, committed.
+    """
+
+    def __init__(self, run: Callable[[Turn], Generator[str, None, None]]) -> None:
+        self.stats: TurnStats | None = None
+        self._it = run(self)
+
+    def __iter__(self) -> Turn:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._it)
+
+    def close(self) -> None:
+        """Stop generating; the turn is committed with the reply so far."""
+        self._it.close()
+
+
+@dataclass(frozen=True)
+class RememberedMessage:
+    """What memory holds of one message (strengths at the session's current turn)."""
+
+    message_id: int
+    role: str
+    content: str
+    turn: int  # the turn the message belongs to
+    tokens: int  # remembered tokens (output-level entries)
+    entries: int  # key/value entries over all layers and KV heads
+    mean_strength: float
+    min_strength: float
+    turn_written: int
+    age_turns: int
+    attention: float  # attention mass its entries received so far
+
+
+@dataclass(frozen=True)
+class MemoryOverview:
+    """A session's memory and window at its current turn; ``messages`` is one page."""
+
+    turn: int
+    entries: int
+    tokens: int
+    bytes: int
+    capacity: int
+    window_size: int
+    window_tokens: int
+    window_message_ids: list[int]
+    total_messages: int
+    messages: list[RememberedMessage]
 
 
 @dataclass(frozen=True)
@@ -133,6 +268,7 @@ class Engine:
         max_new_tokens: int = 256,
         max_cached_sessions: int = 16,
         knn_roles: tuple[str, ...] = ("system", "user", "assistant"),
+        lock_timeout: float = 30.0,
     ) -> None:
         self.lm = lm
         self.model = lm.model
@@ -144,8 +280,11 @@ class Engine:
         self.max_new_tokens = max_new_tokens
         self.max_cached_sessions = max_cached_sessions
         self.knn_roles = knn_roles  # whose tokens the output-level read may copy
+        self.lock_timeout = lock_timeout
         self._cache: OrderedDict[str, SessionState] = OrderedDict()
         self._cache_lock = threading.Lock()
+        self._locks = _LockTable()
+        self._held = threading.local()  # session ids this thread holds (leases nest)
         cfg = self.model.config
         self.n_layers = cfg.num_hidden_layers
         self.n_kv = int(cfg.num_key_value_heads or cfg.num_attention_heads)
@@ -154,7 +293,6 @@ class Engine:
         )
         self.hidden_dim = cfg.hidden_size
         self.max_positions = int(getattr(cfg, "max_position_embeddings", 8192))
-        self.last_stats: TurnStats | None = None
         # The read searches a few queries at a time: FAISS's thread pool costs more than it saves
         # (7x slower per search on 2 busy cores, measured).
         faiss.omp_set_num_threads(1)
@@ -166,7 +304,7 @@ class Engine:
         title: str | None = None,
         options: SessionOptions | None = None,
     ) -> str:
-        """Create a session row (and its pinned system block) and return its id."""
+        """Create a session (row and pinned system block, one transaction) and return its id."""
         opts = options or SessionOptions()
         window = opts.window or self.window
         if window > self.max_positions:
@@ -176,31 +314,33 @@ class Engine:
         params = opts.params or self.params
         read = opts.read or self.read
         sid = uuid.uuid4().hex
-        with self.db.begin() as db:
-            db.add(
-                ChatSession(
-                    id=sid,
-                    name=name,
-                    title=title,
-                    system_prompt=opts.system_prompt,
-                    window=window,
-                    params={
-                        "memory": params.to_dict(),
-                        "read": asdict(read) | {"collect_mass": True},
-                        "memory_enabled": opts.memory_enabled,
-                    },
-                    model=self.lm.name,
-                    turn=0,
-                )
-            )
+        row = ChatSession(
+            id=sid,
+            name=name,
+            title=title or "",
+            system_prompt=opts.system_prompt,
+            window=window,
+            params={
+                "memory": params.to_dict(),
+                "read": asdict(read) | {"collect_mass": True},
+                "memory_enabled": opts.memory_enabled,
+            },
+            model=self.lm.name,
+            turn=0,
+        )
         state = self._new_state(
             sid, window, opts.memory_enabled, replace(read, collect_mass=True), params
         )
         system = self.fmt.system_block(opts.system_prompt)
-        with state.lock:
+        if len(system.token_ids) > window // 2:
+            raise WindowTooSmall(
+                f"the system prompt takes {len(system.token_ids)} tokens; it may take at most "
+                f"half the window ({window // 2})"
+            )
+        with self._lease(sid, new=True):
             if len(system.token_ids):
                 self._process(state, system, pinned=True, content="")
-            self._commit(state)
+            self._commit(state, new_row=row)
         self._remember(state)
         return sid
 
@@ -208,6 +348,222 @@ class Engine:
         """Id of the session with this name, if any."""
         with self.db() as db:
             return db.scalar(select(ChatSession.id).where(ChatSession.name == name))
+
+    def session_for_name(self, name: str, options: SessionOptions | None = None) -> str:
+        """Id of the session called ``name``, created with ``options`` if there is none yet
+        (two requests creating the same name at once end up with the same session)."""
+        found = self.find_session(name)
+        if found is not None:
+            return found
+        try:
+            return self.create_session(name=name, title=name, options=options)
+        except IntegrityError:
+            found = self.find_session(name)
+            if found is None:
+                raise
+            return found
+
+    def delete_session(self, session_id: str) -> None:
+        """Remove the session and everything of it: messages, memory, window states."""
+        with self._lease(session_id):
+            with self.db.begin() as db:
+                for table in reversed(Base.metadata.sorted_tables):
+                    if table.name != ChatSession.__tablename__ and "session_id" in table.c:
+                        db.execute(delete(table).where(table.c.session_id == session_id))
+                db.execute(delete(ChatSession).where(ChatSession.id == session_id))
+            self.drop_cached(session_id)
+
+    # ----- inspection and editing ---------------------------------------------------------
+    def memory_overview(self, session_id: str, limit: int = 100, offset: int = 0) -> MemoryOverview:
+        """The remembered messages (by id, one page) with their strengths, plus totals."""
+        with self._lease(session_id):
+            st = self.state(session_id)
+            stats = st.memory.message_stats()
+            page = sorted(stats)[offset : offset + limit]
+            with self.db() as db:
+                rows = {
+                    m.seq: m
+                    for m in db.scalars(
+                        select(Message).where(
+                            Message.session_id == session_id, Message.seq.in_(page)
+                        )
+                    )
+                }
+            messages = []
+            for seq in page:
+                ms, row = stats[seq], rows.get(seq)
+                messages.append(
+                    RememberedMessage(
+                        message_id=seq,
+                        role=row.role if row else "system",
+                        content=row.content if row else "",
+                        turn=row.turn if row else ms.turn_written,
+                        tokens=ms.tokens,
+                        entries=ms.entries,
+                        mean_strength=ms.mean_strength,
+                        min_strength=ms.min_strength,
+                        turn_written=ms.turn_written,
+                        age_turns=st.turn - ms.turn_written,
+                        attention=ms.attention,
+                    )
+                )
+            return MemoryOverview(
+                turn=st.turn,
+                entries=st.memory.entry_count(),
+                tokens=st.memory.token_count(),
+                bytes=st.memory.nbytes(),
+                capacity=st.memory.params.capacity,
+                window_size=st.window_size,
+                window_tokens=st.cache.length,
+                window_message_ids=[e.seq for e in st.entries],
+                total_messages=len(stats),
+                messages=messages,
+            )
+
+    def explain(self, session_id: str, text: str) -> ReadReport:
+        """What the memory read attends to when ``text`` is asked as the next user message (a dry
+        run: nothing changes)."""
+        with self._lease(session_id):
+            st = self.state(session_id)
+            ids = np.concatenate(
+                [self.fmt.encode("user", text).token_ids, self.fmt.generation_header()]
+            )
+            if len(ids) > st.window_size:
+                raise WindowTooSmall(
+                    f"the text takes {len(ids)} tokens; the window holds {st.window_size}"
+                )
+            mass: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]] = {}
+            if st.memory_enabled:
+                out = forward(
+                    self.model,
+                    torch.from_numpy(ids),
+                    st.cache,
+                    st.memory,
+                    replace(st.read, collect_mass=True),
+                    commit=False,
+                    logits_from=None,
+                )
+                for layer, lm in enumerate(out.memory_mass or []):
+                    for head in range(len(lm.ids)):
+                        mass.setdefault((layer, head), []).append((lm.ids[head], lm.mass[head]))
+            return self._report(st, mass, len(ids))
+
+    def last_read(self, session_id: str) -> ReadReport | None:
+        """What the memory read attended to in the session's last turn (None after a reload)."""
+        with self._lease(session_id):
+            return self.state(session_id).last_read
+
+    def forget_message(self, session_id: str, message_id: int) -> int:
+        """Remove a message's hidden states wherever they are (memory or window); its text stays
+        in the transcript. Returns the memory entries removed."""
+        with self._lease(session_id):
+            st = self.state(session_id)
+            with self.db() as db:
+                found = db.scalar(
+                    select(Message.id).where(
+                        Message.session_id == session_id, Message.seq == message_id
+                    )
+                )
+            if found is None:
+                raise MessageNotFound(f"session {session_id} has no message {message_id}")
+            entry = next((e for e in st.entries if e.seq == message_id), None)
+            if entry is not None and entry.pinned:
+                raise PinnedMessage(
+                    "the system prompt is pinned in the window and cannot be forgotten"
+                )
+            with self._turn_guard(st):
+                if entry is not None:
+                    self._drop_from_window(st, entry)
+                removed = st.memory.forget_message(message_id)
+                st.forgotten.append(message_id)
+                self._commit(st)
+                return removed
+
+    def forget_all(self, session_id: str) -> int:
+        """Remove every remembered hidden state: the memory and the window's messages (the pinned
+        system prompt stays); the transcript stays. Returns the memory entries removed."""
+        with self._lease(session_id):
+            st = self.state(session_id)
+            with self._turn_guard(st):
+                for entry in [e for e in st.entries if not e.pinned]:
+                    self._drop_from_window(st, entry)
+                    st.forgotten.append(entry.seq)
+                removed = st.memory.forget_all()
+                with self.db() as db:
+                    st.forgotten += db.scalars(
+                        select(Message.seq).where(
+                            Message.session_id == session_id, Message.location == "memory"
+                        )
+                    ).all()
+                self._commit(st)
+                return removed
+
+    def export(self, session_id: str) -> dict[str, Any]:
+        """The session as one portable JSON document (transcript, memory, window states)."""
+        with self._lease(session_id), self.db() as db:
+            return export_session(db, session_id)
+
+    def import_(self, doc: dict[str, Any], name: str | None = None) -> str:
+        """Create a session from an exported document; all or nothing. Raises InvalidExport."""
+        shape = [self.n_layers, self.n_kv, self.head_dim, self.hidden_dim]
+        session = doc.get("session") if isinstance(doc, dict) else None
+        got = session.get("memory_shape") if isinstance(session, dict) else None
+        if got is not None and list(got) != shape:
+            raise InvalidExport(
+                f"the export holds a memory of shape {got}; this server's model "
+                f"({self.lm.name}) needs {shape}"
+            )
+        with self.db.begin() as db:
+            return import_session(db, doc, name=name)
+
+    # ----- the per-session lease ----------------------------------------------------------------
+    @contextmanager
+    def _lease(self, session_id: str, new: bool = False) -> Iterator[None]:
+        """Hold the session for one operation: a lock in this process and, on PostgreSQL, a
+        transaction-scoped advisory lock so that other server processes wait too. Waits up to
+        ``lock_timeout`` seconds, then raises SessionBusy. After locking, a cached state that
+        another process has moved past is dropped (it reloads from SQL). Nested leases of one
+        thread on one session pass straight through."""
+        held: set[str] = self._held.__dict__.setdefault("ids", set())
+        if session_id in held:
+            yield
+            return
+        deadline = time.monotonic() + self.lock_timeout
+        with self._locks.hold(session_id, self.lock_timeout), self._db_lock(session_id, deadline):
+            if not new:
+                self._drop_if_stale(session_id)
+            held.add(session_id)
+            try:
+                yield
+            finally:
+                held.discard(session_id)
+
+    @contextmanager
+    def _db_lock(self, session_id: str, deadline: float) -> Iterator[None]:
+        bind = self.db.kw.get("bind")
+        if bind is None or bind.dialect.name != "postgresql":
+            yield  # SQLite: one process writes at a time anyway; the in-process lock is enough
+            return
+        query = text("SELECT pg_try_advisory_xact_lock(hashtextextended(:key, 0))")
+        with bind.connect() as conn, conn.begin():
+            while not conn.scalar(query, {"key": f"memchat-session:{session_id}"}):
+                if time.monotonic() >= deadline:
+                    raise SessionBusy(
+                        f"session {session_id} is busy with a turn in another server process"
+                    )
+                time.sleep(0.05)
+            yield  # the lock goes with this transaction
+
+    def _drop_if_stale(self, session_id: str) -> None:
+        with self.db() as db:
+            saved = db.scalar(select(ChatSession.memory_seq).where(ChatSession.id == session_id))
+        if saved is None:
+            self.drop_cached(session_id)
+            raise SessionNotFound(session_id)
+        with self._cache_lock:
+            st = self._cache.get(session_id)
+            if st is not None and st.memory.storage.seq != saved:
+                del self._cache[session_id]
 
     def state(self, session_id: str) -> SessionState:
         """The session's RAM state, loaded from SQL when it is not cached."""
@@ -219,6 +575,12 @@ class Engine:
         st = self._load(session_id)
         self._remember(st)
         return st
+
+    def cached_memory_entries(self) -> int:
+        """Memory entries of the sessions held in RAM (a gauge for the metrics)."""
+        with self._cache_lock:
+            states = list(self._cache.values())
+        return sum(st.memory.entry_count() for st in states)
 
     def drop_cached(self, session_id: str) -> None:
         """Forget the RAM copy of a session (the next use reloads it from SQL)."""
@@ -316,12 +678,16 @@ class Engine:
                         np.full(int(kmask.sum()), entry.seq, dtype=np.int64),
                         np.nonzero(kmask)[0].astype(np.int32),
                     )
-        st.cache.drop_range(start, end)
+        self._drop_from_window(st, entry)
+        st.evicted.append(entry.seq)
+
+    def _drop_from_window(self, st: SessionState, entry: WindowEntry) -> None:
+        """Take a message out of the window without remembering it."""
+        st.cache.drop_range(entry.start, entry.end)
         idx = st.entries.index(entry)
         st.entries.pop(idx)
         for e in st.entries[idx:]:
-            e.start -= end - start
-        st.evicted.append(entry.seq)
+            e.start -= len(entry.token_ids)
 
     def _run(
         self, st: SessionState, ids: np.ndarray, commit: bool = True, logits_from: int | None = -1
@@ -382,31 +748,31 @@ class Engine:
         """Append history without generating: the messages run through the model (a few at a
         time, at most a quarter of the window per pass, so each still sees older context in the
         window), and what overflows the window goes to memory as in a live chat. One transaction
-        for the whole import."""
+        for the whole import. Returns the new messages' ids."""
         for m in messages:
             if m.get("role") not in ROLES:
                 raise ValueError(f"unknown role {m.get('role')!r}; expected one of {ROLES}")
-        st = self.state(session_id)
-        with st.lock, self._turn_guard(st):
-            seqs: list[int] = []
-            batch: list[tuple[EncodedMessage, str, int]] = []
-            budget = max(1, st.window_size // 4)
-            for m in messages:
-                enc = self.fmt.encode(m["role"], m["content"])
-                if (
-                    batch
-                    and sum(len(e.token_ids) for e, _, _ in batch) + len(enc.token_ids) > budget
-                ):
+        with self._lease(session_id):
+            st = self.state(session_id)
+            with self._turn_guard(st):
+                seqs: list[int] = []
+                batch: list[tuple[EncodedMessage, str, int]] = []
+                budget = max(1, st.window_size // 4)
+                for m in messages:
+                    enc = self.fmt.encode(m["role"], m["content"])
+                    if batch and sum(len(e.token_ids) for e, _, _ in batch) + len(
+                        enc.token_ids
+                    ) > budget:
+                        seqs += self._process_many(st, batch)
+                        batch = []
+                    if m["role"] == "user":
+                        self._begin_turn(st)
+                    batch.append((enc, m["content"], st.turn))
+                if batch:
                     seqs += self._process_many(st, batch)
-                    batch = []
-                if m["role"] == "user":
-                    self._begin_turn(st)
-                batch.append((enc, m["content"], st.turn))
-            if batch:
-                seqs += self._process_many(st, batch)
-            self._end_turn(st)
-            self._commit(st)
-            return seqs
+                self._end_turn(st)
+                self._commit(st)
+                return seqs
 
     def chat(
         self,
@@ -414,82 +780,129 @@ class Engine:
         text: str,
         max_new_tokens: int | None = None,
         temperature: float = 0.0,
+        top_p: float = 1.0,
         seed: int | None = None,
-    ) -> Iterator[str]:
-        """One turn: yields the reply's text as it is generated; the turn is committed when the
-        generator finishes (a generator closed early commits what was generated)."""
-        st = self.state(session_id)
+        stop: Sequence[str] = (),
+    ) -> Turn:
+        """One turn: iterate the result for the reply's text as it is generated; the turn is
+        committed when it finishes (a turn closed early commits what was generated). Generation
+        ends at the end-of-message token, at ``max_new_tokens`` or when the text reaches one of
+        the ``stop`` strings (cut off before it)."""
+        return Turn(
+            lambda turn: self._chat(
+                turn, session_id, text, max_new_tokens, temperature, top_p, seed, tuple(stop)
+            )
+        )
+
+    def _chat(
+        self,
+        turn: Turn,
+        session_id: str,
+        text: str,
+        max_new_tokens: int | None,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+        stop: tuple[str, ...],
+    ) -> Generator[str, None, None]:
         limit = max_new_tokens or self.max_new_tokens
         t0 = time.perf_counter()
-        with st.lock, self._turn_guard(st):
-            read_s = 0.0
-            self._begin_turn(st)
-            user = self.fmt.encode("user", text)
-            header = self.fmt.generation_header()
-            reserve = min(limit, st.window_size // 4)
-            self._make_room(st, len(user.token_ids) + len(header) + reserve)
-            self._process(st, user, content=text)
-            prompt_tokens = len(user.token_ids) + len(header)
-            generator = torch.Generator().manual_seed(seed) if seed is not None else None
-            out = self._run(st, header)
-            read_s += out.read_seconds
-            generated: list[int] = []
-            hiddens = [out.hidden]
-            sent = ""
-            finish = "length"
-            close = self.fmt.close_reply()
-            try:
-                for _ in range(limit):
-                    nxt = _pick(out.logits[-1], temperature, generator)
-                    if nxt in self.fmt.stop_ids:
-                        finish = "stop"
-                        break
-                    generated.append(nxt)
-                    text_now = str(self.lm.tokenizer.decode(generated, skip_special_tokens=True))
-                    if not text_now.endswith("\ufffd") and len(text_now) > len(sent):
-                        yield text_now[len(sent) :]
-                        sent = text_now
-                    if st.cache.length + 1 + len(close) > st.window_size:
-                        # the reply goes on: older messages move to memory (the reply stays)
-                        self._make_room(st, 1 + len(close))
-                    out = self._run(st, np.asarray([nxt], dtype=np.int64))
-                    read_s += out.read_seconds
+        with self._lease(session_id):
+            st = self.state(session_id)
+            with self._turn_guard(st):
+                read_s = 0.0
+                self._begin_turn(st)
+                user = self.fmt.encode("user", text)
+                header = self.fmt.generation_header()
+                reserve = min(limit, st.window_size // 4)
+                self._make_room(st, len(user.token_ids) + len(header) + reserve)
+                user_seq = self._process(st, user, content=text)
+                prompt_tokens = len(user.token_ids) + len(header)
+                generator = torch.Generator().manual_seed(seed) if seed is not None else None
+                out = self._run(st, header)
+                read_s += out.read_seconds
+                generated: list[int] = []
+                hiddens = [out.hidden]
+                sent = ""
+                reply_text: str | None = None
+                first_token_s: float | None = None
+                finish = "length"
+                close = self.fmt.close_reply()
+                try:
+                    for _ in range(limit):
+                        nxt = _pick(out.logits[-1], temperature, top_p, generator)
+                        if nxt in self.fmt.stop_ids:
+                            finish = "stop"
+                            break
+                        generated.append(nxt)
+                        text_now = str(
+                            self.lm.tokenizer.decode(generated, skip_special_tokens=True)
+                        )
+                        cut = _find_stop(text_now, stop, len(sent))
+                        if cut is not None:
+                            text_now, reply_text, finish = text_now[:cut], text_now[:cut], "stop"
+                        ready = len(text_now) - _held_back(text_now, stop)
+                        if not text_now.endswith("\ufffd") and ready > len(sent):
+                            if first_token_s is None:
+                                first_token_s = time.perf_counter() - t0
+                            yield text_now[len(sent) : ready]
+                            sent = text_now[:ready]
+                        if reply_text is not None:
+                            break
+                        if st.cache.length + 1 + len(close) > st.window_size:
+                            # the reply goes on: older messages move to memory (the reply stays)
+                            self._make_room(st, 1 + len(close))
+                        out = self._run(st, np.asarray([nxt], dtype=np.int64))
+                        read_s += out.read_seconds
+                        hiddens.append(out.hidden)
+                except GeneratorExit:
+                    finish = "cancelled"  # the client stopped reading: keep what was generated
+                if reply_text is None:
+                    reply_text = str(self.lm.tokenizer.decode(generated, skip_special_tokens=True))
+                    if finish == "cancelled":
+                        reply_text = sent
+                if generated and len(hiddens) == len(generated):
+                    # the last token picked was not run yet (stop string or cancel): run it
+                    self._make_room(st, 1 + len(close))
+                    last = np.asarray(generated[-1:], dtype=np.int64)
+                    out = self._run(st, last, logits_from=None)
                     hiddens.append(out.hidden)
-            except GeneratorExit:
-                finish = "cancelled"  # the client stopped reading: keep what was generated
-            out = self._run(st, close, logits_from=None)
-            hiddens.append(out.hidden)
-            reply_text = str(self.lm.tokenizer.decode(generated, skip_special_tokens=True))
-            ids = np.concatenate([header, np.asarray(generated, dtype=np.int64), close])
-            seq = st.next_seq
-            st.next_seq += 1
-            hidden = torch.cat(hiddens)
-            mask = self.fmt.content_mask("assistant", ids)
-            st.entries.append(
-                WindowEntry(seq, "assistant", ids, mask, hidden, st.cache.length - len(ids))
-            )
-            st.pending.append(PendingMessage(seq, "assistant", reply_text, st.turn, len(ids)))
-            st.new_states.append(seq)
-            tw = time.perf_counter()
-            self._end_turn(st)
-            self._commit(st)
-            self.last_stats = TurnStats(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=len(generated),
-                memory_entries=st.memory.entry_count(),
-                memory_tokens=st.memory.token_count(),
-                read_seconds=read_s,
-                write_seconds=time.perf_counter() - tw,
-                seconds=time.perf_counter() - t0,
-                finish_reason=finish,
-            )
+                out = self._run(st, close, logits_from=None)
+                hiddens.append(out.hidden)
+                ids = np.concatenate([header, np.asarray(generated, dtype=np.int64), close])
+                seq = st.next_seq
+                st.next_seq += 1
+                hidden = torch.cat(hiddens)
+                mask = self.fmt.content_mask("assistant", ids)
+                st.entries.append(
+                    WindowEntry(seq, "assistant", ids, mask, hidden, st.cache.length - len(ids))
+                )
+                st.pending.append(PendingMessage(seq, "assistant", reply_text, st.turn, len(ids)))
+                st.new_states.append(seq)
+                tw = time.perf_counter()
+                self._end_turn(st, queries=prompt_tokens + len(generated))
+                self._commit(st)
+                turn.stats = TurnStats(
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=len(generated),
+                    memory_entries=st.memory.entry_count(),
+                    memory_tokens=st.memory.token_count(),
+                    read_seconds=read_s,
+                    write_seconds=time.perf_counter() - tw,
+                    seconds=time.perf_counter() - t0,
+                    first_token_seconds=first_token_s,
+                    finish_reason=finish,
+                    user_message_id=user_seq,
+                    reply_message_id=seq,
+                    read=st.last_read,
+                )
 
     def score_replies(self, session_id: str, question: str, replies: Sequence[str]) -> list[float]:
         """Total log-probability of each reply's content tokens after ``question``, as a live turn
         would see it. Nothing is committed: the RAM state is dropped afterwards."""
-        st = self.state(session_id)
-        try:
-            with st.lock:
+        with self._lease(session_id):
+            st = self.state(session_id)
+            try:
                 self._begin_turn(st)
                 user = self.fmt.encode("user", question)
                 header = self.fmt.generation_header()
@@ -505,29 +918,48 @@ class Engine:
                     lp = out.logits[:-1]
                     scores.append(float(lp.gather(1, torch.from_numpy(rid).view(-1, 1)).sum()))
                 return scores
-        finally:
-            self.drop_cached(session_id)
+            finally:
+                self.drop_cached(session_id)
 
     def _begin_turn(self, st: SessionState) -> None:
         st.turn += 1
         st.memory.set_turn(st.turn)
 
-    def _end_turn(self, st: SessionState) -> None:
+    def _end_turn(self, st: SessionState, queries: int = 0) -> None:
         """Reinforce what was read, note which messages it came from, evict under the budget."""
-        st.last_read = {}
+        st.last_read = self._report(st, st.mass, queries)
         for (layer, head), parts in st.mass.items():
             ids = np.concatenate([p[0] for p in parts])
             mass = np.concatenate([p[1] for p in parts])
-            uniq, inv = np.unique(ids, return_inverse=True)
-            summed = np.bincount(inv, weights=mass).astype(np.float32)
             # entries may have been evicted since they were read; reinforce only live ones
-            st.memory.reinforce(layer, head, uniq, summed)
-            msg_ids, _, _ = st.memory.entry_info(layer, head, uniq)
-            for m, w in zip(msg_ids.tolist(), summed.tolist(), strict=True):
-                if m >= 0:
-                    st.last_read[m] = st.last_read.get(m, 0.0) + w
+            st.memory.reinforce(layer, head, ids, mass)
         st.mass.clear()
         st.memory.evict()
+
+    def _report(
+        self,
+        st: SessionState,
+        mass: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]],
+        queries: int,
+    ) -> ReadReport:
+        """Attribute the mass memory entries received to their messages and tokens."""
+        heads = int(self.model.config.num_attention_heads)
+        report = ReadReport({}, {}, {}, queries, heads, self.n_layers)
+        for (layer, head), parts in mass.items():
+            ids = np.concatenate([p[0] for p in parts])
+            got = np.concatenate([p[1] for p in parts])
+            uniq, inv = np.unique(ids, return_inverse=True)
+            summed = np.bincount(inv, weights=got)
+            msg, tok, pos = st.memory.entry_info(layer, head, uniq)
+            band = min(len(BANDS) - 1, layer * len(BANDS) // self.n_layers)
+            rows = zip(msg.tolist(), tok.tolist(), pos.tolist(), summed.tolist(), strict=True)
+            for m, t, p, w in rows:
+                if m < 0:
+                    continue
+                report.messages.setdefault(m, np.zeros(len(BANDS)))[band] += w
+                report.tokens.setdefault((m, p), np.zeros(len(BANDS)))[band] += w
+                report.token_ids[(m, p)] = t
+        return report
 
     class _Guard:
         def __init__(self, engine: Engine, st: SessionState) -> None:
@@ -537,6 +969,7 @@ class Engine:
             self.st.pending.clear()
             self.st.new_states.clear()
             self.st.evicted.clear()
+            self.st.forgotten.clear()
             self.st.mass.clear()
 
         def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
@@ -547,10 +980,13 @@ class Engine:
     def _turn_guard(self, st: SessionState) -> Engine._Guard:
         return Engine._Guard(self, st)
 
-    def _commit(self, st: SessionState) -> None:
+    def _commit(self, st: SessionState, new_row: ChatSession | None = None) -> None:
         """Write the turn: new messages, window states, evictions, memory changes, in one
-        transaction."""
+        transaction (with the session's row itself when it is new)."""
         with self.db.begin() as db:
+            if new_row is not None:
+                db.add(new_row)
+                db.flush()
             row = db.get(ChatSession, st.session_id)
             if row is None:
                 raise SessionNotFound(st.session_id)
@@ -592,15 +1028,44 @@ class Engine:
                 )
                 if msg is not None:
                     msg.location = "memory" if st.memory_enabled else "dropped"
+            if st.forgotten:
+                for seq in st.forgotten:
+                    delete_message_state(db, st.session_id, seq)
+                db.execute(
+                    update(Message)
+                    .where(Message.session_id == st.session_id, Message.seq.in_(st.forgotten))
+                    .values(location="forgotten")
+                )
             save_memory(db, st.session_id, st.memory)
         st.pending.clear()
         st.new_states.clear()
         st.evicted.clear()
+        st.forgotten.clear()
 
 
-def _pick(logprobs: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
-    """Greedy at temperature 0, else sample from the tempered distribution."""
+def _pick(
+    logprobs: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> int:
+    """Greedy at temperature 0, else sample from the tempered distribution cut to its top-p
+    nucleus."""
     if temperature <= 0:
         return int(logprobs.argmax())
     probs = torch.softmax(logprobs.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < top_p  # always keeps the most likely token
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _find_stop(text: str, stop: Sequence[str], sent: int) -> int | None:
+    """Where the first stop string starts in ``text`` (searching from just before what was
+    already sent), or None."""
+    hits = [i for s in stop if s and (i := text.find(s, max(0, sent - len(s) + 1))) >= 0]
+    return min(hits) if hits else None
+
+
+def _held_back(text: str, stop: Sequence[str]) -> int:
+    """Length of the longest end of ``text`` that could begin a stop string: not sent yet."""
+    ends = (n for s in stop for n in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:n]))
+    return max(ends, default=0)

@@ -121,9 +121,10 @@ def test_failed_turn_leaves_session_as_it_was(engine_factory, sqlite_db: str, mo
 def test_chat_streams_and_persists_the_turn(engine_factory, sqlite_db: str) -> None:
     engine = engine_factory(sqlite_db, window=256)
     sid = engine.create_session()
-    pieces = list(engine.chat(sid, "Say hello in French.", max_new_tokens=16))
+    turn = engine.chat(sid, "Say hello in French.", max_new_tokens=16)
+    pieces = list(turn)
     assert len(pieces) >= 2 and "".join(pieces).strip()
-    stats = engine.last_stats
+    stats = turn.stats
     assert stats is not None and stats.completion_tokens > 0
     with engine.db() as db:
         rows = db.scalars(

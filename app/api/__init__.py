@@ -1,0 +1,1 @@
+"""The HTTP API: wire models, dependencies, errors and routes."""

@@ -1,0 +1,91 @@
+"""The FastAPI app factory: settings, database, model (loaded once, in the background), routes.
+
+``create_app()`` builds everything from ``Settings``; nothing happens at import. Start it with
+``python -m app serve`` (uvicorn) or ``uvicorn --factory app.main:create_app``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.orm import sessionmaker
+
+from app.api import errors
+from app.api.routes import chat, health, memory, openai, sessions
+from app.config import Settings
+from app.db import make_engine, upgrade_database
+from app.engine import Engine
+from app.model import LoadedModel, load_model
+from app.observability import Metrics, RequestContextMiddleware, configure_logging
+
+log = logging.getLogger("memchat")
+
+
+def _start_engine(app: FastAPI, settings: Settings, lm: LoadedModel | None) -> None:
+    """Load the model and build the engine; /readyz says 503 until this is done."""
+    try:
+        if settings.threads:
+            import torch
+
+            torch.set_num_threads(settings.threads)
+        if lm is None:
+            log.info("loading model", extra={"model_path": str(settings.model_path or "bundled")})
+            lm = load_model(settings.model_path, settings.cache_dir)
+        engine = Engine(
+            lm,
+            app.state.db,
+            window=settings.window,
+            max_new_tokens=settings.max_new_tokens,
+            max_cached_sessions=settings.max_cached_sessions,
+            lock_timeout=settings.lock_timeout,
+        )
+        app.state.metrics.set_memory_entries_function(engine.cached_memory_entries)
+        app.state.engine = engine
+        log.info("model ready", extra={"model": lm.name})
+    except Exception as exc:  # reported by /readyz and every model route
+        app.state.load_error = f"{type(exc).__name__}: {exc}"
+        log.exception("model failed to load")
+
+
+def create_app(settings: Settings | None = None, lm: LoadedModel | None = None) -> FastAPI:
+    """Build the app. ``lm``: an already loaded model (tests share one); otherwise the model is
+    loaded in a background thread after start-up."""
+    settings = settings or Settings()
+    configure_logging(settings.log_level, json_logs=settings.json_logs)
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.auto_migrate:
+            await run_in_threadpool(upgrade_database, settings.database_url)
+        bind = make_engine(settings.database_url)
+        app.state.db = sessionmaker(bind, expire_on_commit=False)
+        if lm is not None:
+            _start_engine(app, settings, lm)
+        else:
+            threading.Thread(
+                target=_start_engine, args=(app, settings, None), name="memchat-load", daemon=True
+            ).start()
+        yield
+        bind.dispose()
+
+    app = FastAPI(
+        title="memchat",
+        summary="A chatbot whose language model remembers each conversation in its hidden states.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.engine = None
+    app.state.load_error = None
+    errors.install(app)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    for module in (health, sessions, chat, memory, openai):
+        app.include_router(module.router)
+    return app

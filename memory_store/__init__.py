@@ -3,12 +3,21 @@
 See docs/memory_store_api.md for the contract with `app/`.
 """
 
-from .errors import CorruptMemory, MemoryStoreError, SessionNotFound, ShapeError, StaleMemory
+from .errors import (
+    CorruptMemory,
+    InvalidExport,
+    MemoryStoreError,
+    SessionNotFound,
+    ShapeError,
+    StaleMemory,
+)
 from .params import MemoryParams
 from .store import KnnResult, MessageMemoryStats, SearchResult, SessionMemory, WriteStats
+from .transfer import export_session, import_session
 
 __all__ = [
     "CorruptMemory",
+    "InvalidExport",
     "KnnResult",
     "MemoryParams",
     "MemoryStoreError",
@@ -19,4 +28,6 @@ __all__ = [
     "ShapeError",
     "StaleMemory",
     "WriteStats",
+    "export_session",
+    "import_session",
 ]

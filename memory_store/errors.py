@@ -23,3 +23,23 @@ class ShapeError(MemoryStoreError, ValueError):
 class StaleMemory(MemoryStoreError):
     """The in-memory object does not continue the database's last save (a save was rolled back, or
     another writer saved in between): reload it with `load_memory` before saving again."""
+
+
+class InvalidExport(MemoryStoreError):
+    """A session export document that `import_session` refuses (wrong format or version, checksum
+    mismatch, unknown or missing tables or columns, wrong types, undecodable or mis-sized blobs,
+    duplicate keys, rows that do not load as a memory); nothing was imported.
+
+    `table`, `row` (index in the document's list) and `column` locate the fault where there is one.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        table: str | None = None,
+        row: int | None = None,
+        column: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.table, self.row, self.column = table, row, column

@@ -6,9 +6,13 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
+
+if TYPE_CHECKING:
+    from app.model import LoadedModel
 
 PG_HOST = os.environ.get("MEMCHAT_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("MEMCHAT_TEST_PG_PORT", "5432"))
@@ -47,3 +51,16 @@ def pg_url() -> Iterator[str]:
     finally:
         with _admin() as admin:  # FORCE: a test that failed may still hold connections
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def lm() -> LoadedModel:
+    """The bundled model (SmolLM2-135M-Instruct, prepared by `make test`), loaded once."""
+    import torch
+
+    from app.config import Settings
+    from app.model import load_model
+
+    torch.manual_seed(0)
+    settings = Settings()
+    return load_model(settings.model_path, settings.cache_dir)

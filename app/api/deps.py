@@ -25,8 +25,9 @@ def get_engine(request: Request) -> Engine:
     if engine is None:
         failed = getattr(request.app.state, "load_error", None)
         message = f"model failed to load: {failed}" if failed else "model is loading; retry soon"
-        raise APIError(503, message, "service_unavailable", "not_ready",
-                       headers={"Retry-After": "5"})  # fmt: skip
+        raise APIError(
+            503, message, "service_unavailable", "not_ready", headers={"Retry-After": "5"}
+        )
     return engine
 
 

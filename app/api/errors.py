@@ -60,8 +60,9 @@ def to_api_error(exc: BaseException) -> APIError | None:
         case WindowTooSmall():
             return APIError(422, str(exc), "invalid_request_error", "window_too_small")
         case InvalidExport():
-            return APIError(422, f"invalid export file: {exc}", "invalid_request_error",
-                            "invalid_export")  # fmt: skip
+            return APIError(
+                422, f"invalid export file: {exc}", "invalid_request_error", "invalid_export"
+            )
     return None
 
 
@@ -82,9 +83,14 @@ def install(app: FastAPI) -> None:
         return _respond(err)
 
     domain_errors = (
-        APIError, SessionNotFound, MessageNotFound, PinnedMessage, SessionBusy, WindowTooSmall,
+        APIError,
+        SessionNotFound,
+        MessageNotFound,
+        PinnedMessage,
+        SessionBusy,
+        WindowTooSmall,
         InvalidExport,
-    )  # fmt: skip
+    )
     for kind in domain_errors:
         app.add_exception_handler(kind, domain)
 
@@ -103,8 +109,9 @@ def install(app: FastAPI) -> None:
     async def http(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _respond(APIError(exc.status_code, str(exc.detail), kind,
-                                 headers=dict(exc.headers or {})))  # fmt: skip
+        return _respond(
+            APIError(exc.status_code, str(exc.detail), kind, headers=dict(exc.headers or {}))
+        )
 
     app.add_exception_handler(StarletteHTTPException, http)
 

@@ -6,20 +6,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
-from app.config import Settings
 from app.db import make_sessionmaker
 from app.engine import Engine
-from app.model import LoadedModel, load_model
-
-
-@pytest.fixture(scope="session")
-def lm() -> LoadedModel:
-    """The bundled model, loaded once for the whole test run."""
-    torch.manual_seed(0)
-    settings = Settings()
-    return load_model(settings.model_path, settings.cache_dir)
+from app.model import LoadedModel
 
 
 @pytest.fixture()

@@ -66,8 +66,10 @@ def _open_session(
             return found, False
     system = [m.text() for m in body.messages if m.memchat_role() == "system"]
     options = SessionOptions(system_prompt="\n\n".join(system) if system else None)
-    sid = engine.session_for_name(name, options) if name else engine.create_session(
-        title="(stateless request)", options=options
+    sid = (
+        engine.session_for_name(name, options)
+        if name
+        else engine.create_session(title="(stateless request)", options=options)
     )
     history = [
         {"role": m.memchat_role(), "content": m.text()}

@@ -29,9 +29,7 @@ def _show(db: DbDep, session_id: str) -> schemas.SessionOut:
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=schemas.SessionOut)
-def create_session(
-    body: schemas.SessionCreate, engine: EngineDep, db: DbDep
-) -> schemas.SessionOut:
+def create_session(body: schemas.SessionCreate, engine: EngineDep, db: DbDep) -> schemas.SessionOut:
     """Start a conversation with its own window and memory."""
     params = engine.params
     if body.memory is not None:
@@ -69,9 +67,7 @@ def get_session(session_id: str, db: DbDep) -> schemas.SessionOut:
 
 
 @router.patch("/{session_id}", response_model=schemas.SessionOut)
-def rename_session(
-    session_id: str, body: schemas.SessionUpdate, db: DbDep
-) -> schemas.SessionOut:
+def rename_session(session_id: str, body: schemas.SessionUpdate, db: DbDep) -> schemas.SessionOut:
     with db.begin() as s:
         row = s.get(ChatSession, session_id)
         if row is None:
@@ -151,9 +147,7 @@ def export_session(session_id: str, engine: EngineDep) -> Response:
     )
 
 
-@router.post(
-    "/import", status_code=status.HTTP_201_CREATED, response_model=schemas.SessionOut
-)
+@router.post("/import", status_code=status.HTTP_201_CREATED, response_model=schemas.SessionOut)
 async def import_session(
     engine: EngineDep, db: DbDep, doc: Annotated[dict[str, Any], Body()]
 ) -> schemas.SessionOut:

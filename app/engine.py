@@ -760,9 +760,10 @@ class Engine:
                 budget = max(1, st.window_size // 4)
                 for m in messages:
                     enc = self.fmt.encode(m["role"], m["content"])
-                    if batch and sum(len(e.token_ids) for e, _, _ in batch) + len(
-                        enc.token_ids
-                    ) > budget:
+                    if (
+                        batch
+                        and sum(len(e.token_ids) for e, _, _ in batch) + len(enc.token_ids) > budget
+                    ):
                         seqs += self._process_many(st, batch)
                         batch = []
                     if m["role"] == "user":

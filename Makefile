@@ -28,8 +28,10 @@ $(STAMP): pyproject.toml constraints.txt
 model: venv
 	$(PY) -m app prepare-model
 
+# The HTTP server on 127.0.0.1:8000 (API under /v1, OpenAPI docs at /docs), SQLite file
+# memchat.db; the terminal chat is `.venv/bin/python -m app chat`.
 run: venv model
-	$(PY) -m app chat
+	$(PY) -m app serve
 
 # Starts the local PostgreSQL cluster unless something already answers on $(PG_HOST):$(PG_PORT).
 postgres:

@@ -1,4 +1,5 @@
-"""Command line: ``prepare-model``, ``chat`` (terminal chat, persistent memory) and ``bench``."""
+"""Command line: ``serve`` (the HTTP server), ``db`` (schema migrations), ``chat`` (terminal
+chat, persistent memory), ``prepare-model`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -89,10 +90,80 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     return 2
 
 
+def cmd_db(settings: Settings, args: argparse.Namespace) -> int:
+    """Schema migrations: ``upgrade`` (default: to the newest), ``current``, ``downgrade REV``."""
+    from alembic.util import CommandError
+    from sqlalchemy.engine import make_url
+
+    from app.db import (
+        SchemaError,
+        current_revision,
+        downgrade_database,
+        head_revision,
+        upgrade_database,
+    )
+
+    url = args.url or settings.database_url
+    shown = make_url(url).render_as_string(hide_password=True)
+    head = head_revision()
+
+    def label(rev: str | None) -> str:
+        if rev is None:
+            return "none"
+        return f"{rev} (head)" if rev == head else rev
+
+    try:
+        before = current_revision(url)
+        if args.db_command == "current":
+            print(label(before))
+            return 0
+        if args.db_command == "upgrade":
+            upgrade_database(url, args.revision)
+        else:
+            downgrade_database(url, args.revision)
+        after = current_revision(url)
+    except (SchemaError, CommandError) as exc:  # CommandError: e.g. an unknown revision
+        print(f"error: {shown}: {exc}", file=sys.stderr)
+        return 2
+    print(f"{shown}: {label(before)} -> {label(after)}")
+    return 0
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    """The HTTP server (uvicorn). Flags override the settings; workers build their app from the
+    environment, so the flags are handed over through it."""
+    import os
+
+    import uvicorn
+
+    host = args.host or settings.host
+    port = args.port or settings.port
+    workers = args.workers or settings.workers
+    os.environ.update(
+        {"MEMCHAT_HOST": host, "MEMCHAT_PORT": str(port), "MEMCHAT_WORKERS": str(workers)}
+    )
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_config=None,  # app.observability configures logging (JSON lines)
+        timeout_graceful_shutdown=30,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m app`` argument parser."""
     parser = argparse.ArgumentParser(prog="python -m app", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the HTTP server")
+    serve.add_argument("--host", default=None, help="bind address (default: MEMCHAT_HOST)")
+    serve.add_argument("--port", type=int, default=None, help="port (default: MEMCHAT_PORT)")
+    serve.add_argument(
+        "--workers", type=int, default=None, help="worker processes (default: MEMCHAT_WORKERS)"
+    )
     sub.add_parser("prepare-model", help="prepare the model cache and print its directory")
     chat = sub.add_parser("chat", help="chat in the terminal")
     chat.add_argument("--session", default="default", help="session name (created if new)")
@@ -103,6 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run a benchmark (recall, perf)")
     bench.add_argument("name", choices=["recall", "perf"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
+    db = sub.add_parser("db", help="database schema migrations (upgrade, current, downgrade)")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    db_upgrade = db_sub.add_parser("upgrade", help="upgrade the schema (default: to the newest)")
+    db_upgrade.add_argument("--revision", default="head", help="target revision (default: head)")
+    db_sub.add_parser("current", help="print the schema revision of the database")
+    db_downgrade = db_sub.add_parser("downgrade", help="downgrade the schema to REV")
+    db_downgrade.add_argument("revision", metavar="REV", help="target revision (base: no tables)")
+    for p in db_sub.choices.values():
+        p.add_argument("--url", default=None, help="database URL (default: the settings')")
     return parser
 
 
@@ -110,9 +190,16 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m app``."""
     args = build_parser().parse_args(argv)
     settings = Settings()
+    if args.command == "db":  # no model needed: skip importing torch
+        return cmd_db(settings, args)
     from app.model import ModelNotFound
 
-    handlers = {"prepare-model": cmd_prepare_model, "chat": cmd_chat, "bench": cmd_bench}
+    handlers = {
+        "serve": cmd_serve,
+        "prepare-model": cmd_prepare_model,
+        "chat": cmd_chat,
+        "bench": cmd_bench,
+    }
     try:
         return handlers[args.command](settings, args)
     except ModelNotFound as exc:

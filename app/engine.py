@@ -771,7 +771,7 @@ class Engine:
                     batch.append((enc, m["content"], st.turn))
                 if batch:
                     seqs += self._process_many(st, batch)
-                self._end_turn(st)
+                self._end_turn(st, queries=sum(p.n_tokens for p in st.pending))
                 self._commit(st)
                 return seqs
 

@@ -10,9 +10,12 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy.orm import sessionmaker
 
 from app.api import errors
@@ -24,6 +27,7 @@ from app.model import LoadedModel, load_model
 from app.observability import Metrics, RequestContextMiddleware, configure_logging
 
 log = logging.getLogger("memchat")
+WEB_DIR = Path(__file__).parent / "web"  # the page at / (static files, no build step)
 
 
 def _start_engine(app: FastAPI, settings: Settings, lm: LoadedModel | None) -> None:
@@ -88,4 +92,11 @@ def create_app(settings: Settings | None = None, lm: LoadedModel | None = None) 
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     for module in (health, sessions, chat, memory, openai):
         app.include_router(module.router)
+    # the web page, after the API so that no API path is shadowed
+    app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(WEB_DIR / "index.html")
+
     return app

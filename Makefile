@@ -12,7 +12,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.memchat-installed.stamp
 PG_UP := timeout 2 bash -c 'exec 3<>/dev/tcp/$(PG_HOST)/$(PG_PORT)' 2>/dev/null
 
-.PHONY: venv model run test postgres lint bench-recall clean distclean
+.PHONY: venv model run test postgres browser lint bench-recall clean distclean
 
 venv: $(STAMP)
 
@@ -46,7 +46,18 @@ postgres:
 		echo "PostgreSQL still not answering on $(PG_HOST):$(PG_PORT)" >&2; exit 1; \
 	fi
 
-test: venv model postgres
+# Debian's Chromium for the browser tests (tests/web): Playwright drives it, never downloads one.
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends
+browser:
+	@if [ ! -x $(CHROMIUM) ]; then \
+		echo "installing Debian's chromium"; \
+		$(APT_INSTALL) chromium fonts-liberation \
+			|| { $(SUDO) apt-get update && $(APT_INSTALL) chromium fonts-liberation; }; \
+	fi
+
+test: venv model postgres browser
 	$(PY) -m pytest -q
 
 lint: venv

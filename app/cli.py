@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from app.config import Settings
 
@@ -78,16 +78,10 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     """Run a benchmark script from ``bench/`` with the remaining arguments."""
     root = Path(__file__).resolve().parent.parent
     sys.path.insert(0, str(root))
-    if args.name == "recall":
-        from bench.recall import main as recall_main
+    import importlib
 
-        return recall_main(args.rest)
-    if args.name == "perf":
-        from bench.perf import main as perf_main
-
-        return perf_main(args.rest)
-    print(f"unknown benchmark {args.name!r}", file=sys.stderr)
-    return 2
+    bench: Any = importlib.import_module(f"bench.{args.name}")
+    return int(bench.main(args.rest))
 
 
 def cmd_db(settings: Settings, args: argparse.Namespace) -> int:
@@ -171,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--window", type=int, default=None, help="working window in tokens (new sessions)"
     )
     chat.add_argument("--system", default=None, help="system prompt (new sessions)")
-    bench = sub.add_parser("bench", help="run a benchmark (recall, perf)")
-    bench.add_argument("name", choices=["recall", "perf"])
+    bench = sub.add_parser("bench", help="run a benchmark (recall, perf, service, replicas)")
+    bench.add_argument("name", choices=["recall", "perf", "service", "replicas"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     db = sub.add_parser("db", help="database schema migrations (upgrade, current, downgrade)")
     db_sub = db.add_subparsers(dest="db_command", required=True)

@@ -303,8 +303,11 @@ class Engine:
         name: str | None = None,
         title: str | None = None,
         options: SessionOptions | None = None,
+        history: Sequence[dict[str, str]] = (),
     ) -> str:
-        """Create a session (row and pinned system block, one transaction) and return its id."""
+        """Create a session and return its id: its row, pinned system block and ``history``
+        (imported as by `import_messages`) in one transaction."""
+        _check_roles(history)
         opts = options or SessionOptions()
         window = opts.window or self.window
         if window > self.max_positions:
@@ -340,6 +343,8 @@ class Engine:
         with self._lease(sid, new=True):
             if len(system.token_ids):
                 self._process(state, system, pinned=True, content="")
+            if history:
+                self._import_into(state, history)
             self._commit(state, new_row=row)
         self._remember(state)
         return sid
@@ -349,19 +354,27 @@ class Engine:
         with self.db() as db:
             return db.scalar(select(ChatSession.id).where(ChatSession.name == name))
 
-    def session_for_name(self, name: str, options: SessionOptions | None = None) -> str:
-        """Id of the session called ``name``, created with ``options`` if there is none yet
-        (two requests creating the same name at once end up with the same session)."""
+    def session_for_name(
+        self,
+        name: str,
+        options: SessionOptions | None = None,
+        history: Sequence[dict[str, str]] = (),
+    ) -> tuple[str, bool]:
+        """The session called ``name`` and whether it was created now, with ``options`` and
+        ``history``, because there was none (two requests creating the same name at once end up
+        with the same session, its history imported once)."""
         found = self.find_session(name)
         if found is not None:
-            return found
+            return found, False
         try:
-            return self.create_session(name=name, title=name, options=options)
+            return self.create_session(
+                name=name, title=name, options=options, history=history
+            ), True
         except IntegrityError:
             found = self.find_session(name)
             if found is None:
                 raise
-            return found
+            return found, False
 
     def delete_session(self, session_id: str) -> None:
         """Remove the session and everything of it: messages, memory, window states."""
@@ -749,31 +762,30 @@ class Engine:
         time, at most a quarter of the window per pass, so each still sees older context in the
         window), and what overflows the window goes to memory as in a live chat. One transaction
         for the whole import. Returns the new messages' ids."""
-        for m in messages:
-            if m.get("role") not in ROLES:
-                raise ValueError(f"unknown role {m.get('role')!r}; expected one of {ROLES}")
+        _check_roles(messages)
         with self._lease(session_id):
             st = self.state(session_id)
             with self._turn_guard(st):
-                seqs: list[int] = []
-                batch: list[tuple[EncodedMessage, str, int]] = []
-                budget = max(1, st.window_size // 4)
-                for m in messages:
-                    enc = self.fmt.encode(m["role"], m["content"])
-                    if (
-                        batch
-                        and sum(len(e.token_ids) for e, _, _ in batch) + len(enc.token_ids) > budget
-                    ):
-                        seqs += self._process_many(st, batch)
-                        batch = []
-                    if m["role"] == "user":
-                        self._begin_turn(st)
-                    batch.append((enc, m["content"], st.turn))
-                if batch:
-                    seqs += self._process_many(st, batch)
-                self._end_turn(st, queries=sum(p.n_tokens for p in st.pending))
+                seqs = self._import_into(st, messages)
                 self._commit(st)
                 return seqs
+
+    def _import_into(self, st: SessionState, messages: Sequence[dict[str, str]]) -> list[int]:
+        seqs: list[int] = []
+        batch: list[tuple[EncodedMessage, str, int]] = []
+        budget = max(1, st.window_size // 4)
+        for m in messages:
+            enc = self.fmt.encode(m["role"], m["content"])
+            if batch and sum(len(e.token_ids) for e, _, _ in batch) + len(enc.token_ids) > budget:
+                seqs += self._process_many(st, batch)
+                batch = []
+            if m["role"] == "user":
+                self._begin_turn(st)
+            batch.append((enc, m["content"], st.turn))
+        if batch:
+            seqs += self._process_many(st, batch)
+        self._end_turn(st, queries=sum(p.n_tokens for p in st.pending))
+        return seqs
 
     def chat(
         self,
@@ -1042,6 +1054,12 @@ class Engine:
         st.new_states.clear()
         st.evicted.clear()
         st.forgotten.clear()
+
+
+def _check_roles(messages: Sequence[dict[str, str]]) -> None:
+    for m in messages:
+        if m.get("role") not in ROLES:
+            raise ValueError(f"unknown role {m.get('role')!r}; expected one of {ROLES}")
 
 
 def _pick(

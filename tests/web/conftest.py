@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,10 +45,9 @@ class LiveServer:
 @pytest.fixture(scope="module")
 def live_server(lm: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """The real app (uvicorn, in a thread) on a free loopback port, over a fresh SQLite file."""
-    import uvicorn
-
     from app.config import Settings
     from app.main import create_app
+    from app.serving import serve_in_thread
 
     db = tmp_path_factory.mktemp("web") / "memchat.db"
     settings = Settings(
@@ -63,28 +59,8 @@ def live_server(lm: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> It
         log_level="WARNING",
     )
     app = create_app(settings, lm=lm)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))  # the port is ours from here on: no race with other tests
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
-    )
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [sock]}, name="web-test-server", daemon=True
-    )
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            pytest.fail("the test server did not start", pytrace=False)
-        time.sleep(0.05)
-    try:
-        yield LiveServer(url=f"http://127.0.0.1:{port}", app=app)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
+    with serve_in_thread(app) as url:
+        yield LiveServer(url=url, app=app)
 
 
 @pytest.fixture(scope="module")

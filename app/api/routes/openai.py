@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Header
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
@@ -56,29 +57,26 @@ def _check(body: oa.ChatCompletionRequest, settings: Settings) -> None:
 def _open_session(
     engine: Engine, db: DbDep, name: str | None, body: oa.ChatCompletionRequest
 ) -> tuple[str, bool]:
-    """The session the request talks to, and whether it is a throwaway one."""
+    """The session the request talks to, and whether it is a throwaway one. A new session gets
+    the request's system messages as its prompt and the messages before the last as history, in
+    the transaction that creates it."""
     if name:
         with db() as s:
             if s.get(ChatSession, name) is not None:
                 return name, False
-        found = engine.find_session(name)
-        if found is not None:
-            return found, False
     system = [m.text() for m in body.messages if m.memchat_role() == "system"]
     options = SessionOptions(system_prompt="\n\n".join(system) if system else None)
-    sid = (
-        engine.session_for_name(name, options)
-        if name
-        else engine.create_session(title="(stateless request)", options=options)
-    )
     history = [
         {"role": m.memchat_role(), "content": m.text()}
         for m in body.messages[:-1]
         if m.memchat_role() != "system"
     ]
-    if history:
-        engine.import_messages(sid, history)
-    return sid, not name
+    if name:
+        sid, _ = engine.session_for_name(name, options, history)
+        return sid, False
+    return engine.create_session(
+        title="(stateless request)", options=options, history=history
+    ), True
 
 
 @router.post(
@@ -114,7 +112,7 @@ async def chat_completions(
         first = await worker.next()
     except BaseException:
         if throwaway:
-            await run_in_threadpool(engine.delete_session, sid)
+            await _discard(engine, sid, None)
         raise
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), engine.lm.name
 
@@ -127,8 +125,7 @@ async def chat_completions(
                 piece = await worker.next()
         finally:
             if throwaway:
-                await worker.finished()
-                await run_in_threadpool(engine.delete_session, sid)
+                await _discard(engine, sid, worker)
         stats = turn.stats
         assert stats is not None
         record_turn(metrics, stats, "completion")
@@ -144,7 +141,8 @@ async def chat_completions(
             ],
             usage=_usage(stats),
         )
-        return JSONResponse(completion.model_dump(mode="json"), headers={"X-Session-Id": sid})
+        headers = {} if throwaway else {"X-Session-Id": sid}
+        return JSONResponse(completion.model_dump(mode="json"), headers=headers)
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -185,13 +183,22 @@ async def chat_completions(
         finally:
             worker.cancel()
             if throwaway:
-                await worker.finished()
-                await run_in_threadpool(engine.delete_session, sid)
+                await _discard(engine, sid, worker)
         yield {"data": "[DONE]"}
 
     response = sse(events())
-    response.headers["X-Session-Id"] = sid
+    if not throwaway:
+        response.headers["X-Session-Id"] = sid
     return response
+
+
+async def _discard(engine: Engine, sid: str, worker: ThreadedTurn | None) -> None:
+    """Delete a throwaway session once its turn has ended, even when the request was cancelled
+    (the client went away)."""
+    with anyio.CancelScope(shield=True):
+        if worker is not None:
+            await worker.finished()
+        await run_in_threadpool(engine.delete_session, sid)
 
 
 def _finish(stats: TurnStats) -> str:

@@ -74,3 +74,33 @@ clean:
 
 distclean: clean
 	rm -rf $(VENV) .cache
+
+# Deployment checks, no Docker engine needed: hadolint on the Dockerfile, docker-compose.yml
+# against the Compose Specification (and Debian's `docker-compose config`), then tests/deploy:
+# the entrypoint against a fresh PostgreSQL database, two server processes over one database, the
+# nginx config (`nginx -t`, live routing). `make test` runs it first, leaving tests/deploy to its
+# own pytest run. deploy-tools: Debian's nginx-light and docker-compose (without its recommended
+# docker.io: no engine), for those checks; where they cannot be installed, those checks skip.
+DEPLOY_PYTEST ?= 1
+DEPLOY_SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DEPLOY_APT := $(DEPLOY_SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y \
+	--no-install-recommends
+.PHONY: deploy-check deploy-tools
+deploy-tools:
+	@if ! command -v docker-compose >/dev/null || ! PATH="$$PATH:/usr/sbin" command -v nginx \
+			>/dev/null; then \
+		echo "installing Debian's nginx-light and docker-compose"; \
+		$(DEPLOY_APT) nginx-light docker-compose \
+			|| { $(DEPLOY_SUDO) apt-get update && $(DEPLOY_APT) nginx-light docker-compose; } \
+			|| echo "could not install them: the nginx and docker-compose checks will skip"; \
+	fi
+deploy-check: venv model postgres deploy-tools
+	$(VENV)/bin/hadolint Dockerfile
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
+	@if command -v docker-compose >/dev/null; then \
+		echo "docker-compose config -q"; docker-compose -f docker-compose.yml config -q; \
+	else echo "docker-compose not installed: its own check skipped"; fi
+	@if [ "$(DEPLOY_PYTEST)" = 1 ]; then echo "$(PY) -m pytest -q tests/deploy"; \
+		$(PY) -m pytest -q tests/deploy; fi
+test: DEPLOY_PYTEST = 0
+test: deploy-check

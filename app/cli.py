@@ -1,5 +1,5 @@
-"""Command line: ``serve`` (the HTTP server), ``db`` (schema migrations), ``chat`` (terminal
-chat, persistent memory), ``prepare-model`` and ``bench``."""
+"""Command line: ``serve`` (the HTTP server), ``db`` (schema migrations), ``keys`` (API keys of
+tenants), ``chat`` (terminal chat, persistent memory), ``prepare-model`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -123,16 +123,68 @@ def cmd_db(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
+    """API keys: ``create --tenant NAME`` (prints the key, once), ``list``, ``revoke``."""
+    from app.auth import KeyNotFound, create_key, list_keys, revoke_key
+    from app.db import SchemaError, make_sessionmaker
+
+    try:
+        db = make_sessionmaker(args.url or settings.database_url)
+    except SchemaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if args.keys_command == "create":
+            key, info = create_key(db, args.tenant, args.name)
+            print(key)
+            print(
+                f"created key {info.prefix}... ({info.id}) for tenant {info.tenant!r}; it is shown "
+                "only now: store it (send it as `Authorization: Bearer <key>`)",
+                file=sys.stderr,
+            )
+        elif args.keys_command == "list":
+            rows = [("PREFIX", "TENANT", "NAME", "CREATED", "LAST USED", "REVOKED", "ID")]
+            for k in list_keys(db, args.tenant):
+                rows.append(
+                    (k.prefix, k.tenant, k.name or "-", _when(k.created_at),
+                     _when(k.last_used_at), _when(k.revoked_at), k.id)
+                )  # fmt: skip
+            widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+            for r in rows:
+                print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+        else:
+            info = revoke_key(db, args.key)
+            print(f"revoked {info.prefix}... ({info.id}) of tenant {info.tenant!r}")
+    except KeyNotFound as exc:
+        print(f"error: {exc.args[0]}", file=sys.stderr)
+        return 2
+    finally:
+        db.kw["bind"].dispose()
+    return 0
+
+
+def _when(t: Any) -> str:
+    return "-" if t is None else t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     """The HTTP server (uvicorn). Flags override the settings; workers build their app from the
-    environment, so the flags are handed over through it."""
+    environment, so the flags are handed over through it. Refuses to listen beyond loopback
+    with auth off (`app.config.check_exposure`)."""
     import os
 
     import uvicorn
 
+    from app.config import InsecureConfig, check_exposure
+
     host = args.host or settings.host
     port = args.port or settings.port
     workers = args.workers or settings.workers
+    try:
+        check_exposure(settings, host)
+    except InsecureConfig as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     os.environ.update(
         {"MEMCHAT_HOST": host, "MEMCHAT_PORT": str(port), "MEMCHAT_WORKERS": str(workers)}
     )
@@ -177,6 +229,19 @@ def build_parser() -> argparse.ArgumentParser:
     db_downgrade.add_argument("revision", metavar="REV", help="target revision (base: no tables)")
     for p in db_sub.choices.values():
         p.add_argument("--url", default=None, help="database URL (default: the settings')")
+    keys = sub.add_parser("keys", help="API keys of tenants (create, list, revoke)")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    keys_create = keys_sub.add_parser(
+        "create", help="create a key (and its tenant, if new); prints the key, shown only once"
+    )
+    keys_create.add_argument("--tenant", required=True, help="tenant name")
+    keys_create.add_argument("--name", default="", help="a label for the key")
+    keys_list = keys_sub.add_parser("list", help="list keys (never the keys themselves)")
+    keys_list.add_argument("--tenant", default=None, help="only this tenant's keys")
+    keys_revoke = keys_sub.add_parser("revoke", help="revoke a key (by prefix, id or the key)")
+    keys_revoke.add_argument("key", metavar="PREFIX_OR_ID", help="the key's prefix or id")
+    for p in keys_sub.choices.values():
+        p.add_argument("--url", default=None, help="database URL (default: the settings')")
     return parser
 
 
@@ -186,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings()
     if args.command == "db":  # no model needed: skip importing torch
         return cmd_db(settings, args)
+    if args.command == "keys":
+        return cmd_keys(settings, args)
     from app.model import ModelNotFound
 
     handlers = {

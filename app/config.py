@@ -48,6 +48,17 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Logging.")
     json_logs: bool = Field(True, description="JSON log lines (else plain text).")
 
+    # auth
+    auth_enabled: bool = Field(
+        False,
+        description="Require an API key (Authorization: Bearer) on /v1; off: every request "
+        "acts as the tenant 'local'.",
+    )
+    allow_insecure: bool = Field(
+        False,
+        description="Start with auth off on an address other than loopback (refused otherwise).",
+    )
+
     # limits
     lock_timeout: float = Field(
         30.0, ge=0, description="Seconds a request waits for a busy session before a 409."
@@ -57,4 +68,53 @@ class Settings(BaseSettings):
     )
     max_import_messages: int = Field(
         2000, ge=1, description="Most messages one history import may carry (more: 413)."
+    )
+    max_sessions_per_tenant: int = Field(
+        1000, ge=0, description="Most sessions a tenant may hold (more: 403); 0 = no limit."
+    )
+    max_memory_capacity: int = Field(
+        65536,
+        ge=1,
+        description="Largest memory capacity (entries per layer and KV head) a session may have "
+        "(above: 422); also caps the default.",
+    )
+    rate_limit_per_minute: int = Field(
+        600,
+        ge=0,
+        description="Requests per minute per API key (token bucket per process, bursts up to a "
+        "minute's worth; more: 429); 0 = no limit.",
+    )
+
+
+LOOPBACK_HOSTS = frozenset({"localhost", "ip6-localhost", "ip6-loopback"})
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or name a server binds) reaches only this machine."""
+    import ipaddress
+
+    host = host.strip().strip("[]").lower()
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # another name: it may resolve to anything
+
+
+class InsecureConfig(RuntimeError):
+    """Auth is off and the server would listen beyond this machine."""
+
+
+def check_exposure(settings: Settings, host: str | None = None) -> None:
+    """Refuse to serve without auth on a non-loopback address unless `allow_insecure` says so.
+    Raises InsecureConfig with what to do."""
+    host = settings.host if host is None else host
+    if settings.auth_enabled or settings.allow_insecure or is_loopback(host):
+        return
+    raise InsecureConfig(
+        f"refusing to listen on {host} with auth off: anyone who reaches it could read and "
+        "change every session. Set MEMCHAT_AUTH_ENABLED=true (and create keys with "
+        "`python -m app keys create --tenant NAME`), listen on 127.0.0.1, or set "
+        "MEMCHAT_ALLOW_INSECURE=true to accept it."
     )

@@ -32,7 +32,7 @@ from app.memory_llama import ForwardOutput, ReadConfig, WindowCache, forward
 from app.model import LoadedModel
 from memory_store import MemoryParams, SessionMemory
 from memory_store.errors import InvalidExport, SessionNotFound
-from memory_store.models import Base, ChatSession, Message
+from memory_store.models import LOCAL_TENANT_ID, Base, ChatSession, Message
 from memory_store.persistence import (
     delete_message_state,
     load_memory,
@@ -304,9 +304,10 @@ class Engine:
         title: str | None = None,
         options: SessionOptions | None = None,
         history: Sequence[dict[str, str]] = (),
+        tenant_id: str = LOCAL_TENANT_ID,
     ) -> str:
-        """Create a session and return its id: its row, pinned system block and ``history``
-        (imported as by `import_messages`) in one transaction."""
+        """Create a session of ``tenant_id`` and return its id: its row, pinned system block and
+        ``history`` (imported as by `import_messages`) in one transaction."""
         _check_roles(history)
         opts = options or SessionOptions()
         window = opts.window or self.window
@@ -319,6 +320,7 @@ class Engine:
         sid = uuid.uuid4().hex
         row = ChatSession(
             id=sid,
+            tenant_id=tenant_id,
             name=name,
             title=title or "",
             system_prompt=opts.system_prompt,
@@ -349,29 +351,34 @@ class Engine:
         self._remember(state)
         return sid
 
-    def find_session(self, name: str) -> str | None:
-        """Id of the session with this name, if any."""
+    def find_session(self, name: str, tenant_id: str = LOCAL_TENANT_ID) -> str | None:
+        """Id of the tenant's session with this name, if any (names are unique per tenant)."""
         with self.db() as db:
-            return db.scalar(select(ChatSession.id).where(ChatSession.name == name))
+            return db.scalar(
+                select(ChatSession.id).where(
+                    ChatSession.name == name, ChatSession.tenant_id == tenant_id
+                )
+            )
 
     def session_for_name(
         self,
         name: str,
         options: SessionOptions | None = None,
         history: Sequence[dict[str, str]] = (),
+        tenant_id: str = LOCAL_TENANT_ID,
     ) -> tuple[str, bool]:
-        """The session called ``name`` and whether it was created now, with ``options`` and
-        ``history``, because there was none (two requests creating the same name at once end up
-        with the same session, its history imported once)."""
-        found = self.find_session(name)
+        """The tenant's session called ``name`` and whether it was created now, with ``options``
+        and ``history``, because there was none (two requests creating the same name at once end
+        up with the same session, its history imported once)."""
+        found = self.find_session(name, tenant_id)
         if found is not None:
             return found, False
         try:
             return self.create_session(
-                name=name, title=name, options=options, history=history
+                name=name, title=name, options=options, history=history, tenant_id=tenant_id
             ), True
         except IntegrityError:
-            found = self.find_session(name)
+            found = self.find_session(name, tenant_id)
             if found is None:
                 raise
             return found, False
@@ -516,8 +523,11 @@ class Engine:
         with self._lease(session_id), self.db() as db:
             return export_session(db, session_id)
 
-    def import_(self, doc: dict[str, Any], name: str | None = None) -> str:
-        """Create a session from an exported document; all or nothing. Raises InvalidExport."""
+    def import_(
+        self, doc: dict[str, Any], name: str | None = None, tenant_id: str = LOCAL_TENANT_ID
+    ) -> str:
+        """Create a session of ``tenant_id`` from an exported document; all or nothing. Raises
+        InvalidExport."""
         shape = [self.n_layers, self.n_kv, self.head_dim, self.hidden_dim]
         session = doc.get("session") if isinstance(doc, dict) else None
         got = session.get("memory_shape") if isinstance(session, dict) else None
@@ -527,7 +537,7 @@ class Engine:
                 f"({self.lm.name}) needs {shape}"
             )
         with self.db.begin() as db:
-            return import_session(db, doc, name=name)
+            return import_session(db, doc, name=name, tenant_id=tenant_id)
 
     # ----- the per-session lease ----------------------------------------------------------------
     @contextmanager

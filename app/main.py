@@ -12,19 +12,22 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.orm import sessionmaker
 
 from app.api import errors
+from app.api.deps import get_caller
 from app.api.routes import chat, health, memory, openai, sessions
-from app.config import Settings
+from app.auth import KeyChecker, RateLimiter
+from app.config import Settings, check_exposure, is_loopback
 from app.db import make_engine, upgrade_database
 from app.engine import Engine
 from app.model import LoadedModel, load_model
 from app.observability import Metrics, RequestContextMiddleware, configure_logging
+from memory_store import MemoryParams
 
 log = logging.getLogger("memchat")
 WEB_DIR = Path(__file__).parent / "web"  # the page at / (static files, no build step)
@@ -44,6 +47,7 @@ def _start_engine(app: FastAPI, settings: Settings, lm: LoadedModel | None) -> N
             lm,
             app.state.db,
             window=settings.window,
+            params=default_params(settings),
             max_new_tokens=settings.max_new_tokens,
             max_cached_sessions=settings.max_cached_sessions,
             lock_timeout=settings.lock_timeout,
@@ -56,19 +60,40 @@ def _start_engine(app: FastAPI, settings: Settings, lm: LoadedModel | None) -> N
         log.exception("model failed to load")
 
 
+def default_params(settings: Settings) -> MemoryParams:
+    """Memory parameters of a session that asks for none: the defaults, the capacity capped at
+    `max_memory_capacity`."""
+    params = MemoryParams()
+    return MemoryParams.from_dict(
+        params.to_dict() | {"capacity": min(params.capacity, settings.max_memory_capacity)}
+    )
+
+
 def create_app(settings: Settings | None = None, lm: LoadedModel | None = None) -> FastAPI:
     """Build the app. ``lm``: an already loaded model (tests share one); otherwise the model is
-    loaded in a background thread after start-up."""
+    loaded in a background thread after start-up.
+
+    Start-up fails (`InsecureConfig`) when auth is off and ``settings.host`` is not a loopback
+    address, unless ``allow_insecure``; ``python -m app serve`` checks the same before it starts
+    uvicorn (a bare ``uvicorn --factory`` does not pass its ``--host`` to the settings)."""
     settings = settings or Settings()
     configure_logging(settings.log_level, json_logs=settings.json_logs)
     metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        check_exposure(settings)
+        if not settings.auth_enabled:
+            insecure = not is_loopback(settings.host)
+            (log.warning if insecure else log.info)(
+                "auth is off: every request acts as the tenant 'local'",
+                extra={"host": settings.host},
+            )
         if settings.auto_migrate:
             await run_in_threadpool(upgrade_database, settings.database_url)
         bind = make_engine(settings.database_url)
         app.state.db = sessionmaker(bind, expire_on_commit=False)
+        app.state.keys = KeyChecker(app.state.db)
         if lm is not None:
             _start_engine(app, settings, lm)
         else:
@@ -88,10 +113,14 @@ def create_app(settings: Settings | None = None, lm: LoadedModel | None = None) 
     app.state.metrics = metrics
     app.state.engine = None
     app.state.load_error = None
+    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
     errors.install(app)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
-    for module in (health, sessions, chat, memory, openai):
-        app.include_router(module.router)
+    # open: health and metrics (for probes and scrapers), the page and its static files
+    app.include_router(health.router)
+    # everything under /v1 needs a key while auth is on, and acts for the key's tenant
+    for module in (sessions, chat, memory, openai):
+        app.include_router(module.router, dependencies=[Depends(get_caller)])
     # the web page, after the API so that no API path is shadowed
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
 

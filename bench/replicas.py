@@ -309,6 +309,9 @@ def replicas(
             MEMCHAT_HOST="127.0.0.1",
             MEMCHAT_PORT=str(free_port()),
             MEMCHAT_CACHE_DIR=str(local_cache_dir()),
+            # loopback only, so auth may be off: this measures sessions shared by processes
+            # (tests/deploy/test_deploy_entrypoint.py runs the stack's auth)
+            MEMCHAT_AUTH_ENABLED="false",
             **(extra or {}),
         )
         workdir = log_dir / f"replica{i}"

@@ -16,6 +16,11 @@ Storage of the memory (see `memory_store.persistence` for the write/read rules):
   after which older log rows are deleted. ``slots`` is layer * H + head, -1 for the kNN store.
 - ``message_states``: the captured keys/values/hidden states of a message still in the window.
 
+Ownership: every session belongs to a tenant (``tenants``); ``api_keys`` are the tenants' keys,
+stored as hashes only. A session made without a tenant belongs to `LOCAL_TENANT_ID`, the tenant
+the migration (and ``create_all``) creates, which acts for every request when auth is off.
+Session names are unique per tenant.
+
 All arrays are little-endian bytes (LargeBinary: BLOB on SQLite, bytea on PostgreSQL).
 """
 
@@ -35,6 +40,8 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    event,
+    insert,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -55,14 +62,62 @@ def _session_fk() -> ForeignKey:
     return ForeignKey("chat_sessions.id", ondelete="CASCADE")
 
 
+# The tenant of sessions made without one (the CLI chat, auth switched off); a fixed id, so that
+# the migration, ``create_all`` and the column default agree on it.
+LOCAL_TENANT_ID = "local"
+LOCAL_TENANT_NAME = "local"
+
+
+class Tenant(Base):
+    """Who owns sessions and API keys; created with its first key (``python -m app keys``)."""
+
+    __tablename__ = "tenants"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_uuid_hex)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+# ``create_all`` makes the local tenant too, as the migration does (sessions default to it).
+event.listen(
+    Tenant.__table__,
+    "after_create",
+    lambda target, connection, **_: connection.execute(
+        insert(target).values(id=LOCAL_TENANT_ID, name=LOCAL_TENANT_NAME, created_at=_now())
+    ),
+)
+
+
+class ApiKey(Base):
+    """An API key of a tenant. Only the key's SHA-256 is stored (see app.auth), with its first
+    characters (``prefix``) to tell keys apart in lists."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_uuid_hex)
+    tenant_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("tenants.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(200), default="")
+    prefix: Mapped[str] = mapped_column(String(16), index=True)
+    hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex of the whole key
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
 class ChatSession(Base):
     """One conversation. The memory_* columns belong to memory_store.persistence."""
 
     __tablename__ = "chat_sessions"
+    __table_args__ = (UniqueConstraint("tenant_id", "name"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_uuid_hex)
-    # the CLI's --session NAME
-    name: Mapped[str | None] = mapped_column(String(200), unique=True, nullable=True)
+    tenant_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("tenants.id"), default=LOCAL_TENANT_ID
+    )
+    # the CLI's --session NAME, the OpenAI endpoint's X-Session-Id / user: unique per tenant
+    name: Mapped[str | None] = mapped_column(String(200), nullable=True)
     title: Mapped[str] = mapped_column(String(200), default="")
     system_prompt: Mapped[str | None] = mapped_column(Text, nullable=True)
     window: Mapped[int] = mapped_column(Integer, default=256)
@@ -193,6 +248,9 @@ class MessageState(Base):
 
 
 __all__ = [
+    "LOCAL_TENANT_ID",
+    "LOCAL_TENANT_NAME",
+    "ApiKey",
     "Base",
     "ChatSession",
     "KnnChunk",
@@ -200,4 +258,5 @@ __all__ = [
     "MemoryState",
     "Message",
     "MessageState",
+    "Tenant",
 ]

@@ -4,18 +4,19 @@
 such a document completely and then inserts it as a new session (in the caller's transaction)::
 
     {"format": "memchat-session", "version": 1, "exported_at": "<ISO 8601>",
-     "session": {<every chat_sessions column but id>},
+     "session": {<every chat_sessions column but id and tenant_id>},
      "tables": {"messages": [...], "memory_chunks": [...], "knn_chunks": [...],
                 "memory_states": [...], "message_states": [...]},
      "checksum": "sha256:<hex>"}
 
-Rows carry every column of their table except the reference to the session and an autoincrement
-surrogate key (``messages.id``); they are written generically from the model's columns, so a new
-column travels without a change here. Which tables belong to a session is listed explicitly
-(`SESSION_TABLES`). Values: binary columns as base64 (standard alphabet, padded), datetimes as ISO
-8601 in UTC (SQLite's naive values are taken as UTC), JSON columns as they are. The checksum is
-the sha256 of the canonical JSON (sorted keys, ``","``/``":"`` separators, ASCII) of the document
-without its ``checksum`` field: it detects damage, it does not authenticate anything.
+The session carries every column of chat_sessions except its id and its owner (``tenant_id``, set by
+the importer). Rows carry every column of their table except the reference to the session and an
+autoincrement surrogate key (``messages.id``); they are written generically from the model's
+columns, so a new column travels without a change here. Which tables belong to a session is listed
+explicitly (`SESSION_TABLES`). Values: binary columns as base64 (standard alphabet, padded),
+datetimes as ISO 8601 in UTC (SQLite's naive values are taken as UTC), JSON columns as they are. The
+checksum is the sha256 of the canonical JSON (sorted keys, ``","``/``":"`` separators, ASCII) of the
+document without its ``checksum`` field: it detects damage, it does not authenticate anything.
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ MEMORY_COLUMNS = (
     "memory_next_knn_id",
     "memory_shape",
 )
+# ChatSession columns that say who owns the session: not exported (an export is the content, not
+# who had it); an import sets them (``tenant_id=...``) or they take their defaults
+OWNER_COLUMNS = ("tenant_id",)
 _DOC_KEYS = ("format", "version", "exported_at", "session", "tables", "checksum")
 _SHAPE = ("L", "H", "D", "Dm")  # memory_shape, as named in _BLOB_SIZES
 
@@ -142,8 +146,13 @@ def _session_ref(table: Table) -> Column[Any]:
 
 
 def _session_columns() -> dict[str, Column[Any]]:
-    """Exported columns of chat_sessions: all but the primary key."""
-    return {c.name: c for c in _table(ChatSession).columns if not c.primary_key}
+    """Exported columns of chat_sessions: all but the primary key and the owner
+    (`OWNER_COLUMNS`)."""
+    return {
+        c.name: c
+        for c in _table(ChatSession).columns
+        if not c.primary_key and c.name not in OWNER_COLUMNS
+    }
 
 
 def _row_columns(table: Table) -> dict[str, Column[Any]]:
@@ -582,19 +591,21 @@ def import_session(
     The whole document is validated before anything is inserted (InvalidExport names the table,
     row and column at fault). The session gets `new_id` (a uuid4 hex if None) and ``name`` None
     unless ``name=...`` is among `overrides`, which set other chat_sessions columns too (not ``id``
-    nor the memory bookkeeping columns `MEMORY_COLUMNS`; the values go in as given). Rows are
+    nor the memory bookkeeping columns `MEMORY_COLUMNS`; the values go in as given), its owner
+    among them (``tenant_id=...``; the column's default otherwise). Rows are
     inserted in the caller's transaction and flushed, never committed. Finally the imported memory
     and message states are loaded to prove the rows are usable; if they are not, the inserted rows
     are deleted again and InvalidExport is raised.
 
     Raises InvalidExport (the document), TypeError (an override that is not a column), ValueError
-    (an override of id or memory bookkeeping, `new_id` or the overridden name already taken).
+    (an override of id or memory bookkeeping, `new_id` or the overridden name already taken by
+    a session of the same tenant).
     A database error leaves the transaction to be rolled back by the caller, as always.
     """
     session, tables = _validate(doc)
     cols = _session_columns()
     for key in overrides:
-        if key not in cols:
+        if key not in cols and key not in OWNER_COLUMNS:
             raise TypeError(f"import_session: {key!r} is not a column of chat_sessions")
         if key in MEMORY_COLUMNS:
             raise ValueError(f"import_session: {key!r} describes the memory rows; it cannot be set")
@@ -608,9 +619,11 @@ def import_session(
     t = _table(ChatSession)
     if db.execute(select(t.c.id).where(t.c.id == sid)).first() is not None:
         raise ValueError(f"import_session: a chat session with id {sid!r} exists")
-    if values["name"] is not None and (
-        db.execute(select(t.c.id).where(t.c.name == values["name"])).first() is not None
-    ):
+    if "tenant_id" not in values:  # the column's default, applied here to check the name
+        default = t.c.tenant_id.default
+        values["tenant_id"] = getattr(default, "arg", None)
+    same_name = (t.c.name == values["name"]) & (t.c.tenant_id == values["tenant_id"])
+    if values["name"] is not None and db.execute(select(t.c.id).where(same_name)).first():
         raise ValueError(f"import_session: a chat session named {values['name']!r} exists")
     db.execute(insert(t), [values])
     for name, (model, _) in SESSION_TABLES.items():
@@ -634,6 +647,7 @@ def import_session(
 __all__ = [
     "FORMAT",
     "MEMORY_COLUMNS",
+    "OWNER_COLUMNS",
     "SESSION_TABLES",
     "VERSION",
     "document_checksum",

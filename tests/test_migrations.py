@@ -16,8 +16,21 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Connection, Engine, create_engine, delete, func, inspect, pool, select
-from sqlalchemy.orm import Session
+from sqlalchemy import (
+    Connection,
+    Engine,
+    MetaData,
+    Table,
+    UniqueConstraint,
+    create_engine,
+    delete,
+    func,
+    insert,
+    inspect,
+    pool,
+    select,
+)
+from sqlalchemy.exc import IntegrityError
 
 from app.db import (
     INITIAL_REVISION,
@@ -29,10 +42,33 @@ from app.db import (
     make_sessionmaker,
     upgrade_database,
 )
-from memory_store.models import Base, ChatSession, Message, MessageState
+from memory_store.models import LOCAL_TENANT_ID, Base, ChatSession, Message, MessageState, Tenant
 from memory_store.persistence import create_schema
 
 ROOT = Path(__file__).resolve().parents[1]
+ALL_TABLES = frozenset(Base.metadata.tables)
+
+
+def legacy_metadata() -> MetaData:
+    """The tables the old ``create_all`` made before migrations (the schema of revision 0001):
+    today's, without tenants and keys, ``chat_sessions.name`` unique on its own."""
+    md = MetaData()
+    sessions = Base.metadata.tables["chat_sessions"]
+    Table(
+        "chat_sessions",
+        md,
+        *[c._copy() for c in sessions.columns if c.name != "tenant_id"],
+        UniqueConstraint("name"),
+    )
+    for name in sorted(LEGACY_TABLES - {"chat_sessions"}):
+        Base.metadata.tables[name].to_metadata(md)
+    return md
+
+
+def legacy_create_all(engine: Engine) -> None:
+    """What ``memory_store.persistence.create_schema`` did before revision 0002 (unnamed
+    constraints on SQLite included)."""
+    legacy_metadata().create_all(engine)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -66,7 +102,7 @@ def _tables(conn: Connection) -> set[str]:
     return set(inspect(conn).get_table_names())
 
 
-def _reflect(conn: Connection) -> dict[str, list[str]]:
+def _reflect(conn: Connection, tables: frozenset[str] = ALL_TABLES) -> dict[str, list[str]]:
     """Every reflected detail of memchat's tables, as sorted strings. Constraint names are kept
     on PostgreSQL only: ``create_all`` leaves them unnamed, which SQLite keeps unnamed."""
     insp = inspect(conn)
@@ -76,7 +112,7 @@ def _reflect(conn: Connection) -> dict[str, list[str]]:
         return {k: v for k, v in d.items() if named or k != "name"}
 
     out: dict[str, list[str]] = {}
-    for t in sorted(LEGACY_TABLES):
+    for t in sorted(tables):
         rows = [
             repr((c["name"], c["type"].compile(dialect=conn.dialect), c["nullable"], c["default"]))
             for c in insp.get_columns(t)
@@ -94,7 +130,7 @@ def _reflect(conn: Connection) -> dict[str, list[str]]:
 
 def test_upgrade_gives_the_models_schema(db_url: str, connect: Any) -> None:
     with connect() as conn:  # compare_metadata sees an empty database: it does compare
-        assert {d[1].name for d in _diff(conn) if d[0] == "add_table"} == LEGACY_TABLES
+        assert {d[1].name for d in _diff(conn) if d[0] == "add_table"} == ALL_TABLES
     assert current_revision(db_url) is None
     upgrade_database(db_url)
     assert current_revision(db_url) == head_revision()
@@ -106,16 +142,28 @@ def test_upgrade_gives_the_models_schema(db_url: str, connect: Any) -> None:
 
 def test_migration_and_create_all_make_the_same_tables(db_url: str, connect: Any) -> None:
     """Same columns, types, keys, ON DELETE CASCADE, uniques, indexes (and names on PostgreSQL)
-    as ``create_all``, so a stamped old database is indistinguishable from a migrated one."""
+    as ``create_all``, at head and at the initial revision (against the old ``create_all``), so
+    a stamped old database is indistinguishable from a migrated one."""
     engine = create_engine(db_url, poolclass=pool.NullPool)
     create_schema(engine)
     with engine.connect() as conn:
-        old = _reflect(conn)
+        new = _reflect(conn)
+        tenants = conn.execute(select(Tenant.id, Tenant.name)).all()
     Base.metadata.drop_all(engine)
+    legacy_create_all(engine)
+    with engine.connect() as conn:
+        old = _reflect(conn, LEGACY_TABLES)
+    legacy_metadata().drop_all(engine)
     engine.dispose()
+    upgrade_database(db_url, INITIAL_REVISION)
+    with connect() as conn:
+        assert _reflect(conn, LEGACY_TABLES) == old
     upgrade_database(db_url)
     with connect() as conn:
-        assert _reflect(conn) == old
+        assert _reflect(conn) == new
+        # both make the local tenant, which sessions made without a tenant belong to
+        assert conn.execute(select(Tenant.id, Tenant.name)).all() == tenants
+        assert tenants == [(LOCAL_TENANT_ID, "local")]
 
 
 def test_column_types_per_dialect(db_url: str, connect: Any) -> None:
@@ -153,13 +201,15 @@ def test_downgrade_to_base_removes_every_table(db_url: str, connect: Any) -> Non
 
 def test_create_all_database_is_stamped_and_upgraded(db_url: str, connect: Any) -> None:
     engine = create_engine(db_url, poolclass=pool.NullPool)
-    create_schema(engine)  # the old way, with data in it
-    with Session(engine) as db:
-        row = ChatSession(name="old", title="from create_all")
-        db.add(row)
-        db.flush()
-        db.add(Message(session_id=row.id, seq=0, role="user", content="hello"))
-        db.commit()
+    legacy_create_all(engine)  # the old way, with data in it
+    legacy = legacy_metadata().tables
+    with engine.begin() as conn:
+        conn.execute(
+            insert(legacy["chat_sessions"]).values(id="s1", name="old", title="from create_all")
+        )
+        conn.execute(
+            insert(legacy["messages"]).values(session_id="s1", seq=0, role="user", content="hello")
+        )
     engine.dispose()
     with connect() as conn:
         assert "alembic_version" not in _tables(conn)
@@ -171,11 +221,12 @@ def test_create_all_database_is_stamped_and_upgraded(db_url: str, connect: Any) 
         assert _diff(conn) == []
         assert conn.scalar(select(func.count()).select_from(Message)) == 1
         assert conn.scalar(select(ChatSession.title)) == "from create_all"
+        assert conn.scalar(select(ChatSession.tenant_id)) == LOCAL_TENANT_ID  # existing sessions
 
 
 def test_create_all_database_is_taken_over_by_make_sessionmaker(db_url: str) -> None:
     engine = create_engine(db_url, poolclass=pool.NullPool)
-    create_schema(engine)
+    legacy_create_all(engine)
     engine.dispose()
     Session_ = make_sessionmaker(db_url)
     assert current_revision(db_url) == head_revision()
@@ -188,7 +239,7 @@ def test_create_all_database_is_taken_over_by_make_sessionmaker(db_url: str) -> 
 def test_stamping_a_revision_before_head(db_url: str) -> None:
     """An old database is stamped at the initial revision, whatever the upgrade target."""
     engine = create_engine(db_url, poolclass=pool.NullPool)
-    create_schema(engine)
+    legacy_create_all(engine)
     engine.dispose()
     upgrade_database(db_url, INITIAL_REVISION)
     assert current_revision(db_url) == INITIAL_REVISION
@@ -196,12 +247,64 @@ def test_stamping_a_revision_before_head(db_url: str) -> None:
 
 def test_partial_old_schema_is_refused(db_url: str, connect: Any) -> None:
     engine = create_engine(db_url, poolclass=pool.NullPool)
-    Base.metadata.create_all(engine, tables=[Base.metadata.tables["chat_sessions"]])
+    legacy = legacy_metadata()
+    legacy.create_all(engine, tables=[legacy.tables["chat_sessions"]])
     engine.dispose()
     with pytest.raises(SchemaError, match="missing"):
         upgrade_database(db_url)
     with connect() as conn:
         assert _tables(conn) == {"chat_sessions"}  # nothing was written
+
+
+def test_tenants_revision_keeps_sessions_and_names_them_per_tenant(
+    db_url: str, connect: Any
+) -> None:
+    """0001 -> 0002 with sessions in it: they go to the local tenant; a name is unique within a
+    tenant only; the unique constraint on the name alone comes back on a downgrade."""
+    upgrade_database(db_url, INITIAL_REVISION)
+    legacy = legacy_metadata().tables
+    with connect() as conn, conn.begin():
+        conn.execute(insert(legacy["chat_sessions"]).values(id="a" * 32, name="work", title="t"))
+        conn.execute(
+            insert(legacy["messages"]).values(session_id="a" * 32, seq=0, role="user", content="hi")
+        )
+    upgrade_database(db_url)
+    with connect() as conn:
+        assert _diff(conn) == []
+        assert conn.execute(select(ChatSession.id, ChatSession.tenant_id)).all() == [
+            ("a" * 32, LOCAL_TENANT_ID)
+        ]
+        assert conn.scalar(select(func.count()).select_from(Message)) == 1
+        uniques = {
+            tuple(u["column_names"]) for u in inspect(conn).get_unique_constraints("chat_sessions")
+        }
+        assert uniques == {("tenant_id", "name")}
+    Session_ = make_sessionmaker(db_url)
+    with Session_() as db:
+        db.add(Tenant(id="t2", name="other"))
+        db.flush()
+        db.add(ChatSession(tenant_id="t2", name="work"))  # another tenant: the same name is fine
+        db.commit()
+        db.add(ChatSession(tenant_id="t2", name="work"))
+        with pytest.raises(IntegrityError):
+            db.commit()
+        db.rollback()
+        db.execute(delete(ChatSession).where(ChatSession.tenant_id == "t2"))
+        db.commit()
+    Session_.kw["bind"].dispose()
+    downgrade_database(db_url, INITIAL_REVISION)
+    with connect() as conn:
+        assert "tenants" not in _tables(conn) and "api_keys" not in _tables(conn)
+        cols = {c["name"] for c in inspect(conn).get_columns("chat_sessions")}
+        assert "tenant_id" not in cols
+        uniques = {
+            tuple(u["column_names"]) for u in inspect(conn).get_unique_constraints("chat_sessions")
+        }
+        assert uniques == {("name",)}
+        assert conn.scalar(select(legacy["chat_sessions"].c.name)) == "work"
+    upgrade_database(db_url)
+    with connect() as conn:
+        assert _diff(conn) == []
 
 
 def test_make_sessionmaker_migrates_and_cascades(db_url: str) -> None:

@@ -5,6 +5,8 @@ const $ = (sel) => document.querySelector(sel);
 
 const el = {
   status: $("#status"),
+  auth: $("#auth"),
+  apiKey: $("#api-key"),
   error: $("#error"),
   errorText: $("#error-text"),
   errorClose: $("#error-close"),
@@ -57,8 +59,23 @@ function errorMessage(body, fallback) {
   return fallback;
 }
 
+// The API key (when the server wants one) is kept in this browser and sent on every request.
+const KEY_STORE = "memchat.apiKey";
+
+function withKey(headers = {}) {
+  const key = localStorage.getItem(KEY_STORE);
+  return key ? { ...headers, authorization: `Bearer ${key}` } : headers;
+}
+
+/** A 401: ask for a key (the request's own error is shown too). */
+function checkAuth(resp) {
+  if (resp.status !== 401) return;
+  el.auth.hidden = false;
+  el.apiKey.focus();
+}
+
 async function api(method, path, body) {
-  const init = { method, headers: {} };
+  const init = { method, headers: withKey() };
   if (body !== undefined) {
     init.headers["content-type"] = "application/json";
     init.body = typeof body === "string" ? body : JSON.stringify(body);
@@ -69,6 +86,7 @@ async function api(method, path, body) {
   } catch (exc) {
     throw new ApiError(`the server did not answer: ${exc.message}`);
   }
+  checkAuth(resp);
   if (resp.status === 204) return null;
   const text = await resp.text();
   let data = null;
@@ -251,7 +269,8 @@ el.importFile.addEventListener("change", () => {
 el.exportSession.addEventListener("click", () =>
   guarded(async () => {
     clearError();
-    const resp = await fetch(`/v1/sessions/${sid()}/export`);
+    const resp = await fetch(`/v1/sessions/${sid()}/export`, { headers: withKey() });
+    checkAuth(resp);
     if (!resp.ok) {
       const body = await resp.json().catch(() => null);
       throw new ApiError(errorMessage(body, `export: HTTP ${resp.status}`));
@@ -393,10 +412,11 @@ async function send() {
   try {
     const resp = await fetch(`/v1/sessions/${sid()}/chat`, {
       method: "POST",
-      headers: { "content-type": "application/json", accept: "text/event-stream" },
+      headers: withKey({ "content-type": "application/json", accept: "text/event-stream" }),
       body: JSON.stringify(body),
       signal: controller.signal,
     });
+    checkAuth(resp);
     if (!resp.ok) {
       const data = await resp.json().catch(() => null);
       throw new ApiError(errorMessage(data, `chat: HTTP ${resp.status}`));
@@ -720,6 +740,17 @@ function setStatus(text) {
 }
 
 el.errorClose.addEventListener("click", clearError);
+
+el.auth.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const key = el.apiKey.value.trim();
+  if (!key) return;
+  localStorage.setItem(KEY_STORE, key);
+  el.apiKey.value = "";
+  el.auth.hidden = true;
+  clearError();
+  guarded(loadSessions);
+});
 
 async function waitReady() {
   for (;;) {

@@ -364,7 +364,9 @@ def test_stateless_stream_cut_short_leaves_no_session(sqlite_server: str) -> Non
         "stream": True,
         "max_tokens": 200,
     }
-    with httpx.stream("POST", f"{sqlite_server}/v1/chat/completions", json=body) as r:
+    with httpx.stream(
+        "POST", f"{sqlite_server}/v1/chat/completions", json=body, timeout=120
+    ) as r:  # the first piece can take a while on a loaded CPU (httpx waits 5 s by default)
         assert r.status_code == 200 and "x-session-id" not in r.headers
         for line in r.iter_lines():
             if line.startswith("data:") and '"content"' in line:

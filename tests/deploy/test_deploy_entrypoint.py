@@ -4,7 +4,9 @@ environment from docker-compose.yml and .env.example, without a container: only 
 path does not exist here) are overridden.
 
 The smoke test: it waits for the database, migrates, execs the server (uvicorn), answers
-/readyz, runs a chat turn; after SIGTERM and a restart, the session and its memory are there.
+/readyz, wants an API key (auth is on in .env.example; the key made with ``entrypoint.sh python
+-m app keys create``), runs a chat turn; after SIGTERM and a restart, the session and its memory
+are there.
 The quick ones: a bounded wait for a database that does not answer, SIGTERM during that wait,
 invalid settings, and ``entrypoint.sh CMD...``."""
 
@@ -163,7 +165,15 @@ def test_smoke_migrate_start_chat_restart(
         assert f"Uvicorn running on http://127.0.0.1:{port}" in first_log
         assert subprocess.run(health, env=health_env, capture_output=True).returncode == 0
 
-        with httpx.Client(base_url=server.url, timeout=300) as c:
+        # auth is on, as the stack ships: a key, made as README says (`compose run ... keys`)
+        assert env["MEMCHAT_AUTH_ENABLED"] == "true"
+        assert httpx.get(f"{server.url}/v1/sessions").status_code == 401
+        made = run_entry(
+            env, "python", "-m", "app", "keys", "create", "--tenant", "smoke", cwd=tmp_path
+        )
+        assert made.returncode == 0, made.stderr
+        auth = {"Authorization": f"Bearer {made.stdout.strip()}"}
+        with httpx.Client(base_url=server.url, timeout=300, headers=auth) as c:
             assert c.get("/readyz").json()["checks"] == {"model": "ok", "database": "ok"}
             sid = c.post("/v1/sessions", json={"title": "smoke", "window": 64}).json()["id"]
             filler = bench.filler(3)
@@ -191,7 +201,7 @@ def test_smoke_migrate_start_chat_restart(
         timings["restart_ready_s"] = round(again.wait_ready(300), 2)
         second_log = again.log_text()
         assert re.search(r": (\S+) \(head\) -> \1 \(head\)", second_log), second_log
-        with httpx.Client(base_url=again.url, timeout=300) as c:
+        with httpx.Client(base_url=again.url, timeout=300, headers=auth) as c:
             assert bench.transcript(c, sid) == before_msgs
             assert bench.memory_view(c, sid) == before_mem
             session = c.get(f"/v1/sessions/{sid}").json()

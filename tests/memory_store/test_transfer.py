@@ -28,6 +28,7 @@ from memory_store import (
 from memory_store import persistence as P
 from memory_store import transfer as X
 from memory_store.models import (
+    LOCAL_TENANT_ID,
     Base,
     ChatSession,
     KnnChunk,
@@ -35,6 +36,7 @@ from memory_store.models import (
     MemoryState,
     Message,
     MessageState,
+    Tenant,
 )
 
 L, H, D, DM = 3, 2, 8, 12
@@ -368,6 +370,14 @@ def test_unknown_session_and_overrides(engine, source):
     with pytest.raises(ValueError, match="memory_seq"):
         do_import(engine, doc, memory_seq=0)
     assert row_counts(engine)["chat_sessions"] == 1
+    # names are unique per tenant: another tenant's import may take it; the owner is the importer's
+    with Session(engine) as db, db.begin():
+        db.add(Tenant(id="t2", name="second"))
+    other = do_import(engine, doc, name="copy", tenant_id="t2")
+    with Session(engine) as db:
+        assert db.get_one(ChatSession, other).tenant_id == "t2"
+        assert db.get_one(ChatSession, sid).tenant_id == LOCAL_TENANT_ID
+    assert "tenant_id" not in export(engine, other)["session"]
 
 
 def test_import_is_part_of_the_callers_transaction(engine, source):
@@ -640,7 +650,8 @@ def test_rows_carry_every_model_column(source):
         table = model.__table__
         skip = {"session_id"} | ({"id"} if name == "messages" else set())
         assert set(doc[T][name][0]) == {c.name for c in table.columns} - skip, name
-    assert set(doc["session"]) == {c.name for c in ChatSession.__table__.columns} - {"id"}
+    owner = set(X.OWNER_COLUMNS)  # who owns a session does not travel: the importer does
+    assert set(doc["session"]) == {c.name for c in ChatSession.__table__.columns} - {"id"} - owner
     referring = {
         t.name
         for t in Base.metadata.tables.values()

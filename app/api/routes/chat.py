@@ -14,7 +14,7 @@ from sqlalchemy.orm import sessionmaker
 from starlette.responses import Response
 
 from app.api import schemas, views
-from app.api.deps import DbDep, EngineDep, MetricsDep, SettingsDep
+from app.api.deps import DbDep, EngineDep, MetricsDep, OwnedSessionId, SettingsDep
 from app.api.errors import error_body, to_api_error
 from app.api.routes.sessions import check_size
 from app.api.streaming import ThreadedTurn, sse
@@ -43,7 +43,7 @@ def record_turn(metrics: Metrics, stats: TurnStats | None, kind: str) -> None:
     responses={200: {"content": {"text/event-stream": {}}}},
 )
 async def chat(
-    session_id: str,
+    session_id: OwnedSessionId,
     body: schemas.ChatRequest,
     engine: EngineDep,
     db: DbDep,

@@ -5,14 +5,14 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from app.api import schemas, views
-from app.api.deps import DbDep, EngineDep, PagingDep, SettingsDep
+from app.api.deps import DbDep, EngineDep, OwnedSessionId, PagingDep, SettingsDep
 from app.api.routes.sessions import check_size
 
 router = APIRouter(prefix="/v1/sessions/{session_id}/memory", tags=["memory"])
 
 
 @router.get("", response_model=schemas.MemoryOut)
-def get_memory(session_id: str, engine: EngineDep, page: PagingDep) -> schemas.MemoryOut:
+def get_memory(session_id: OwnedSessionId, engine: EngineDep, page: PagingDep) -> schemas.MemoryOut:
     """Every remembered message (one page, by id) with its strength, age, size and the attention
     it received, plus the memory's totals and what is in the window."""
     ov = engine.memory_overview(session_id, limit=page.limit, offset=page.offset)
@@ -35,7 +35,7 @@ def get_memory(session_id: str, engine: EngineDep, page: PagingDep) -> schemas.M
 
 @router.post("/query", response_model=schemas.MemoryRead)
 def query_memory(
-    session_id: str,
+    session_id: OwnedSessionId,
     body: schemas.QueryRequest,
     engine: EngineDep,
     db: DbDep,
@@ -53,7 +53,7 @@ def query_memory(
 
 @router.get("/last-read", response_model=schemas.MemoryRead)
 def last_read(
-    session_id: str, engine: EngineDep, db: DbDep, top_tokens: int = 50
+    session_id: OwnedSessionId, engine: EngineDep, db: DbDep, top_tokens: int = 50
 ) -> schemas.MemoryRead:
     """What the memory read attended to during the session's last turn in this process."""
     report = engine.last_read(session_id)
@@ -64,12 +64,14 @@ def last_read(
 
 
 @router.delete("/messages/{message_id}", response_model=schemas.ForgetResponse)
-def forget_message(session_id: str, message_id: int, engine: EngineDep) -> schemas.ForgetResponse:
+def forget_message(
+    session_id: OwnedSessionId, message_id: int, engine: EngineDep
+) -> schemas.ForgetResponse:
     """Forget a message: its hidden states leave memory and window; its text stays."""
     return schemas.ForgetResponse(removed_entries=engine.forget_message(session_id, message_id))
 
 
 @router.delete("", response_model=schemas.ForgetResponse)
-def forget_all(session_id: str, engine: EngineDep) -> schemas.ForgetResponse:
+def forget_all(session_id: OwnedSessionId, engine: EngineDep) -> schemas.ForgetResponse:
     """Forget every remembered hidden state of the session; the transcript stays."""
     return schemas.ForgetResponse(removed_entries=engine.forget_all(session_id))

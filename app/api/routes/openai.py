@@ -1,7 +1,8 @@
 """The OpenAI-compatible chat endpoint.
 
-A request names its session with an ``X-Session-Id`` header or the ``user`` field (a session id
-or a name; an unknown name creates the session from the request: its system messages become the
+A request names its session with an ``X-Session-Id`` header or the ``user`` field (an id of one of
+the caller's sessions or a name, unique per tenant; an unknown name, or another tenant's session id,
+creates the caller's own session by that name from the request: its system messages become the
 system prompt, the messages before the last become history). A known session already holds the
 conversation, so only the last message, which must be the user's, is read. Without a name the
 request is stateless: a throwaway session holds its messages for the one turn.
@@ -22,11 +23,12 @@ from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
 from app.api import openai_protocol as oa
-from app.api.deps import DbDep, EngineDep, MetricsDep, SettingsDep
+from app.api.deps import CallerDep, DbDep, EngineDep, MetricsDep, SettingsDep, check_session_quota
 from app.api.errors import APIError, error_body, to_api_error
 from app.api.routes.chat import record_turn
 from app.api.routes.sessions import check_size
 from app.api.streaming import ThreadedTurn, sse
+from app.auth import Caller
 from app.config import Settings
 from app.engine import Engine, SessionOptions, TurnStats
 from memory_store.models import ChatSession
@@ -55,15 +57,26 @@ def _check(body: oa.ChatCompletionRequest, settings: Settings) -> None:
 
 
 def _open_session(
-    engine: Engine, db: DbDep, name: str | None, body: oa.ChatCompletionRequest
+    engine: Engine,
+    db: DbDep,
+    settings: Settings,
+    caller: Caller,
+    name: str | None,
+    body: oa.ChatCompletionRequest,
 ) -> tuple[str, bool]:
-    """The session the request talks to, and whether it is a throwaway one. A new session gets
-    the request's system messages as its prompt and the messages before the last as history, in
-    the transaction that creates it."""
+    """The caller's session the request talks to, and whether it is a throwaway one. A new
+    session gets the request's system messages as its prompt and the messages before the last
+    as history, in the transaction that creates it. A named one counts against the tenant's
+    session quota; a throwaway one (deleted after its turn) does not."""
     if name:
         with db() as s:
-            if s.get(ChatSession, name) is not None:
+            row = s.get(ChatSession, name)
+            if row is not None and row.tenant_id == caller.tenant_id:
                 return name, False
+        found = engine.find_session(name, caller.tenant_id)
+        if found is not None:
+            return found, False
+        check_session_quota(db, settings, caller.tenant_id)
     system = [m.text() for m in body.messages if m.memchat_role() == "system"]
     options = SessionOptions(system_prompt="\n\n".join(system) if system else None)
     history = [
@@ -72,10 +85,10 @@ def _open_session(
         if m.memchat_role() != "system"
     ]
     if name:
-        sid, _ = engine.session_for_name(name, options, history)
+        sid, _ = engine.session_for_name(name, options, history, tenant_id=caller.tenant_id)
         return sid, False
     return engine.create_session(
-        title="(stateless request)", options=options, history=history
+        title="(stateless request)", options=options, history=history, tenant_id=caller.tenant_id
     ), True
 
 
@@ -90,13 +103,14 @@ async def chat_completions(
     db: DbDep,
     settings: SettingsDep,
     metrics: MetricsDep,
+    caller: CallerDep,
     x_session_id: Annotated[str | None, Header(max_length=200)] = None,
 ) -> Response:
     """OpenAI's chat completion, streamed (``chat.completion.chunk`` events, ``[DONE]``) or
     not, over a memchat session."""
     _check(body, settings)
     sid, throwaway = await run_in_threadpool(
-        _open_session, engine, db, x_session_id or body.user, body
+        _open_session, engine, db, settings, caller, x_session_id or body.user, body
     )
     try:
         turn = engine.chat(

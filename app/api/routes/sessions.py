@@ -10,7 +10,17 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import func, select
 
 from app.api import schemas, views
-from app.api.deps import DbDep, EngineDep, MetricsDep, PagingDep, SettingsDep
+from app.api.deps import (
+    CallerDep,
+    DbDep,
+    EngineDep,
+    MetricsDep,
+    OwnedSessionId,
+    PagingDep,
+    SettingsDep,
+    check_capacity,
+    check_session_quota,
+)
 from app.api.errors import APIError
 from app.engine import SessionOptions
 from memory_store import MemoryParams
@@ -29,29 +39,41 @@ def _show(db: DbDep, session_id: str) -> schemas.SessionOut:
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=schemas.SessionOut)
-def create_session(body: schemas.SessionCreate, engine: EngineDep, db: DbDep) -> schemas.SessionOut:
-    """Start a conversation with its own window and memory."""
+def create_session(
+    body: schemas.SessionCreate,
+    engine: EngineDep,
+    db: DbDep,
+    settings: SettingsDep,
+    caller: CallerDep,
+) -> schemas.SessionOut:
+    """Start a conversation with its own window and memory. 403 ``quota_exceeded`` when the
+    tenant holds `MEMCHAT_MAX_SESSIONS_PER_TENANT` sessions; 422 for a memory capacity above
+    `MEMCHAT_MAX_MEMORY_CAPACITY`."""
     params = engine.params
     if body.memory is not None:
         changes = body.memory.model_dump(exclude_none=True)
         params = MemoryParams.from_dict(params.to_dict() | changes)
+    check_capacity(params.capacity, settings, "memory.capacity")
+    check_session_quota(db, settings, caller.tenant_id)
     options = SessionOptions(
         window=body.window,
         system_prompt=body.system_prompt,
         params=params,
         memory_enabled=body.memory_enabled,
     )
-    sid = engine.create_session(title=body.title, options=options)
+    sid = engine.create_session(title=body.title, options=options, tenant_id=caller.tenant_id)
     return _show(db, sid)
 
 
 @router.get("", response_model=schemas.SessionList)
-def list_sessions(db: DbDep, page: PagingDep) -> schemas.SessionList:
-    """Sessions, newest first."""
+def list_sessions(db: DbDep, page: PagingDep, caller: CallerDep) -> schemas.SessionList:
+    """The caller's sessions, newest first."""
+    mine = ChatSession.tenant_id == caller.tenant_id
     with db() as s:
-        total = s.scalar(select(func.count(ChatSession.id))) or 0
+        total = s.scalar(select(func.count(ChatSession.id)).where(mine)) or 0
         rows = s.scalars(
             select(ChatSession)
+            .where(mine)
             .order_by(ChatSession.created_at.desc(), ChatSession.id)
             .limit(page.limit)
             .offset(page.offset)
@@ -62,12 +84,14 @@ def list_sessions(db: DbDep, page: PagingDep) -> schemas.SessionList:
 
 
 @router.get("/{session_id}", response_model=schemas.SessionOut)
-def get_session(session_id: str, db: DbDep) -> schemas.SessionOut:
+def get_session(session_id: OwnedSessionId, db: DbDep) -> schemas.SessionOut:
     return _show(db, session_id)
 
 
 @router.patch("/{session_id}", response_model=schemas.SessionOut)
-def rename_session(session_id: str, body: schemas.SessionUpdate, db: DbDep) -> schemas.SessionOut:
+def rename_session(
+    session_id: OwnedSessionId, body: schemas.SessionUpdate, db: DbDep
+) -> schemas.SessionOut:
     with db.begin() as s:
         row = s.get(ChatSession, session_id)
         if row is None:
@@ -77,14 +101,14 @@ def rename_session(session_id: str, body: schemas.SessionUpdate, db: DbDep) -> s
 
 
 @router.delete("/{session_id}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_session(session_id: str, engine: EngineDep) -> Response:
+def delete_session(session_id: OwnedSessionId, engine: EngineDep) -> Response:
     """Remove the session with its transcript, memory and window states."""
     engine.delete_session(session_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.get("/{session_id}/messages", response_model=schemas.MessageList)
-def list_messages(session_id: str, db: DbDep, page: PagingDep) -> schemas.MessageList:
+def list_messages(session_id: OwnedSessionId, db: DbDep, page: PagingDep) -> schemas.MessageList:
     """The transcript, oldest first (the text stays even when its memory is forgotten)."""
     with db() as s:
         if s.get(ChatSession, session_id) is None:
@@ -111,7 +135,7 @@ def list_messages(session_id: str, db: DbDep, page: PagingDep) -> schemas.Messag
 
 @router.post("/{session_id}/messages", response_model=schemas.ImportResponse)
 def import_messages(
-    session_id: str,
+    session_id: OwnedSessionId,
     body: schemas.ImportRequest,
     engine: EngineDep,
     settings: SettingsDep,
@@ -137,7 +161,7 @@ def import_messages(
 
 
 @router.get("/{session_id}/export")
-def export_session(session_id: str, engine: EngineDep) -> Response:
+def export_session(session_id: OwnedSessionId, engine: EngineDep) -> Response:
     """The session as one JSON file (transcript, memory, window states), to import elsewhere."""
     doc = engine.export(session_id)
     return Response(
@@ -149,11 +173,30 @@ def export_session(session_id: str, engine: EngineDep) -> Response:
 
 @router.post("/import", status_code=status.HTTP_201_CREATED, response_model=schemas.SessionOut)
 async def import_session(
-    engine: EngineDep, db: DbDep, doc: Annotated[dict[str, Any], Body()]
+    engine: EngineDep,
+    db: DbDep,
+    settings: SettingsDep,
+    caller: CallerDep,
+    doc: Annotated[dict[str, Any], Body()],
 ) -> schemas.SessionOut:
-    """Create a session from an exported file; a file that fails its checks imports nothing."""
-    sid = await run_in_threadpool(engine.import_, doc)
+    """Create a session of the caller from an exported file; a file that fails its checks
+    imports nothing. The same quota and capacity limits as a new session apply."""
+    check_capacity(_exported_capacity(doc), settings, "session.params.memory.capacity")
+    await run_in_threadpool(check_session_quota, db, settings, caller.tenant_id)
+    sid = await run_in_threadpool(engine.import_, doc, None, caller.tenant_id)
     return await run_in_threadpool(_show, db, sid)
+
+
+def _exported_capacity(doc: dict[str, Any]) -> int:
+    """The memory capacity an export document's session has (the default when it says none;
+    a malformed document is left to the import's own checks)."""
+    session = doc.get("session")
+    params = session.get("params") if isinstance(session, dict) else None
+    memory = params.get("memory") if isinstance(params, dict) else None
+    capacity = memory.get("capacity") if isinstance(memory, dict) else None
+    if isinstance(capacity, int) and not isinstance(capacity, bool):
+        return capacity
+    return MemoryParams().capacity
 
 
 def check_size(text: str, limit: int, param: str) -> None:

@@ -23,7 +23,7 @@ def _engine(settings: Settings, window: int | None = None) -> Engine:
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    lm = load_model(settings.model_path, settings.cache_dir)
+    lm = load_model(settings.model_path, settings.cache_dir, weights=settings.weights)
     return Engine(
         lm,
         make_sessionmaker(settings.database_url),
@@ -217,8 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--window", type=int, default=None, help="working window in tokens (new sessions)"
     )
     chat.add_argument("--system", default=None, help="system prompt (new sessions)")
-    bench = sub.add_parser("bench", help="run a benchmark (recall, perf, service, replicas)")
-    bench.add_argument("name", choices=["recall", "perf", "service", "replicas"])
+    bench = sub.add_parser("bench", help="run a benchmark (recall, perf, service, replicas, load)")
+    bench.add_argument("name", choices=["recall", "perf", "service", "replicas", "load"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     db = sub.add_parser("db", help="database schema migrations (upgrade, current, downgrade)")
     db_sub = db.add_subparsers(dest="db_command", required=True)

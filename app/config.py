@@ -32,6 +32,11 @@ class Settings(BaseSettings):
         default_factory=default_cache_dir, description="Dequantized model cache."
     )
     threads: int | None = Field(None, ge=1, description="torch threads; unset = torch default.")
+    weights: Literal["fp32", "bf16", "int8"] = Field(
+        "fp32",
+        description="Format of the model's linear weights: fp32 (exact), bf16, or int8 "
+        "(weight-only, per channel; fastest decoding on CPU). See app/weights.py.",
+    )
 
     # conversations
     window: int = Field(1024, ge=32, le=8192, description="Default working window in tokens.")

@@ -10,6 +10,8 @@ cached state is dropped and reloaded from the database: it is as it was after it
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 import time
 import uuid
@@ -21,6 +23,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+import threadpoolctl
 import torch
 from sqlalchemy import delete, select, text, update
 from sqlalchemy.exc import IntegrityError
@@ -136,6 +139,7 @@ class SessionState:
     pending: list[PendingMessage] = field(default_factory=list)
     new_states: list[int] = field(default_factory=list)  # seqs whose window state must be saved
     evicted: list[int] = field(default_factory=list)  # seqs moved out of the window this turn
+    memory_write_s: float = 0.0  # seconds this turn spent writing evicted tokens to memory
     forgotten: list[int] = field(default_factory=list)  # seqs whose states were forgotten
     mass: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
     last_read: ReadReport | None = None  # what the memory read gave attention to last turn
@@ -181,7 +185,9 @@ class TurnStats:
     memory_entries: int
     memory_tokens: int
     read_seconds: float
-    write_seconds: float
+    write_seconds: float  # end-of-turn memory upkeep and the commit
+    # evicted tokens written to memory during the turn, and the end-of-turn upkeep (no SQL)
+    memory_write_seconds: float
     seconds: float
     first_token_seconds: float | None
     finish_reason: str
@@ -296,6 +302,9 @@ class Engine:
         # The read searches a few queries at a time: FAISS's thread pool costs more than it saves
         # (7x slower per search on 2 busy cores, measured).
         faiss.omp_set_num_threads(1)
+        # Likewise numpy's BLAS (OpenBLAS), which the exact memory search uses: its threads wait
+        # for a busy core on every small product (10x slower at 5k keys x 3 queries, measured).
+        threadpoolctl.threadpool_limits(1, user_api="blas")
 
     # ----- sessions -------------------------------------------------------------------------
     def create_session(
@@ -494,8 +503,10 @@ class Engine:
             with self._turn_guard(st):
                 if entry is not None:
                     self._drop_from_window(st, entry)
+                sizes = [len(s) for s in st.memory.stores()]
                 removed = st.memory.forget_message(message_id)
                 st.forgotten.append(message_id)
+                _scrub(st, sizes, {message_id})
                 self._commit(st)
                 return removed
 
@@ -508,7 +519,9 @@ class Engine:
                 for entry in [e for e in st.entries if not e.pinned]:
                     self._drop_from_window(st, entry)
                     st.forgotten.append(entry.seq)
+                sizes = [len(s) for s in st.memory.stores()]
                 removed = st.memory.forget_all()
+                _scrub(st, sizes, None)
                 with self.db() as db:
                     st.forgotten += db.scalars(
                         select(Message.seq).where(
@@ -680,6 +693,7 @@ class Engine:
     def _evict(self, st: SessionState, entry: WindowEntry) -> None:
         start, end = entry.start, entry.end
         if st.memory_enabled:
+            t0 = time.perf_counter()
             mask = entry.content_mask
             if mask.any():
                 keys = st.cache.keys[:, :, start:end][:, :, mask].float().numpy()  # (L, H, t, D)
@@ -701,6 +715,7 @@ class Engine:
                         np.full(int(kmask.sum()), entry.seq, dtype=np.int64),
                         np.nonzero(kmask)[0].astype(np.int32),
                     )
+            st.memory_write_s += time.perf_counter() - t0
         self._drop_from_window(st, entry)
         st.evicted.append(entry.seq)
 
@@ -904,6 +919,7 @@ class Engine:
                 st.new_states.append(seq)
                 tw = time.perf_counter()
                 self._end_turn(st, queries=prompt_tokens + len(generated))
+                memory_write_s = st.memory_write_s + time.perf_counter() - tw
                 self._commit(st)
                 turn.stats = TurnStats(
                     prompt_tokens=prompt_tokens,
@@ -912,6 +928,7 @@ class Engine:
                     memory_tokens=st.memory.token_count(),
                     read_seconds=read_s,
                     write_seconds=time.perf_counter() - tw,
+                    memory_write_seconds=memory_write_s,
                     seconds=time.perf_counter() - t0,
                     first_token_seconds=first_token_s,
                     finish_reason=finish,
@@ -946,6 +963,7 @@ class Engine:
 
     def _begin_turn(self, st: SessionState) -> None:
         st.turn += 1
+        st.memory_write_s = 0.0
         st.memory.set_turn(st.turn)
 
     def _end_turn(self, st: SessionState, queries: int = 0) -> None:
@@ -1060,10 +1078,49 @@ class Engine:
                     .values(location="forgotten")
                 )
             save_memory(db, st.session_id, st.memory)
+            pause = os.environ.get("MEMCHAT_TEST_PAUSE_BEFORE_COMMIT")
+            if pause:  # test-only hook: tests/reliability/test_crash.py kills the server here
+                db.flush()
+                logging.getLogger("memchat").warning("test hook: pausing before commit")
+                time.sleep(float(pause))
         st.pending.clear()
         st.new_states.clear()
         st.evicted.clear()
         st.forgotten.clear()
+
+
+def _scrub(st: SessionState, sizes: list[int], forgotten: set[int] | None) -> None:
+    """After forgetting (the messages ``forgotten``, None: everything), leave no copy of what was
+    forgotten: in RAM, the stores' spare buffer rows, FAISS graphs that keep removed vectors as
+    tombstones, the window buffers past the live tokens and the last-read report; in SQL, the
+    chunk rows that still hold forgotten payloads next to live ones (their live entries are
+    written again, so the next save deletes those rows). ``sizes``: each store's length before."""
+    stores = st.memory.stores()
+    dirty: list[int] = []  # chunk refs that hold payloads of forgotten entries
+    for store, before in zip(stores, sizes, strict=True):
+        for _ids, refs in store.dropped:
+            dirty.extend(refs.tolist())
+        table = store.table
+        for buf in table._buf.values():
+            buf[table.n :] = 0  # compaction leaves removed rows past the live ones
+        if len(store) < before:
+            store.index.resync(len(store))  # rebuilt from the live rows when next searched
+    if dirty:
+        refs = np.unique(np.asarray(dirty, dtype=np.int64))
+        for store in stores:
+            ref = store.col("ref")
+            store.col("put")[np.isin(ref, refs)] = True
+    cache = st.cache
+    for t in (cache.keys, cache.values, cache.keys_rot):
+        t[:, :, cache.length :] = 0  # dropping a range leaves its old tail behind
+    report = st.last_read
+    if report is not None:
+        if forgotten is None:
+            st.last_read = None
+        else:
+            report.messages = {m: v for m, v in report.messages.items() if m not in forgotten}
+            report.tokens = {k: v for k, v in report.tokens.items() if k[0] not in forgotten}
+            report.token_ids = {k: v for k, v in report.token_ids.items() if k[0] not in forgotten}
 
 
 def _check_roles(messages: Sequence[dict[str, str]]) -> None:

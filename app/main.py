@@ -42,7 +42,7 @@ def _start_engine(app: FastAPI, settings: Settings, lm: LoadedModel | None) -> N
             torch.set_num_threads(settings.threads)
         if lm is None:
             log.info("loading model", extra={"model_path": str(settings.model_path or "bundled")})
-            lm = load_model(settings.model_path, settings.cache_dir)
+            lm = load_model(settings.model_path, settings.cache_dir, weights=settings.weights)
         engine = Engine(
             lm,
             app.state.db,
@@ -120,7 +120,9 @@ def create_app(settings: Settings | None = None, lm: LoadedModel | None = None) 
     app.include_router(health.router)
     # everything under /v1 needs a key while auth is on, and acts for the key's tenant
     for module in (sessions, chat, memory, openai):
-        app.include_router(module.router, dependencies=[Depends(get_caller)])
+        app.include_router(
+            module.router, dependencies=[Depends(get_caller)], responses=errors.error_responses()
+        )
     # the web page, after the API so that no API path is shadowed
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
 

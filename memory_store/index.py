@@ -2,7 +2,9 @@
 
 Labels returned by `search` are table rows (``-1`` = no neighbour). The index picks its kind from
 the table size: exact ``IndexFlatIP`` / ``IndexFlatL2`` up to ``exact_max`` rows, ``IndexHNSWFlat``
-above.
+above. With ``fp16`` the exact kind keeps the vectors as float16 (``IndexScalarQuantizer`` QT_fp16),
+for tables whose vectors are float16 anyway: still exact, half the RAM, and a search reads half the
+bytes (3-4x faster than ``IndexFlatL2`` for one query).
 
 - Flat: appends go straight in, in-place updates overwrite the stored vectors, removals drop the
   index and it is rebuilt lazily from the table at the next search (a memcpy-sized cost).
@@ -24,6 +26,11 @@ import numpy as np
 
 Metric = Literal["ip", "l2"]
 _FAISS_METRIC = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+# Searches of fewer queries than this run on the calling thread. Several FAISS searches open an
+# OpenMP region for any number of queries (IndexScalarQuantizer even for one), and a region's
+# threads wait for each other: on a machine whose cores are busy (torch's own thread pool, other
+# processes) a one-query search then takes milliseconds instead of microseconds.
+_SERIAL_QUERIES = 20
 
 
 def as_f32(x: np.ndarray, dim: int) -> np.ndarray:
@@ -45,8 +52,10 @@ class VectorIndex:
         hnsw_m: int = 32,
         ef_construction: int = 64,
         ef_search: int = 128,
+        fp16: bool = False,
     ):
         self.dim = dim
+        self.fp16 = fp16
         self.metric = metric
         self.exact_max = exact_max
         self.source = source
@@ -98,6 +107,10 @@ class VectorIndex:
             return
         if not self._hnsw:
             ntotal = self._index.ntotal
+            if self.fp16:  # QT_fp16 codes are the vectors' float16 bytes, row after row
+                codes = faiss.rev_swig_ptr(self._index.codes.data(), ntotal * 2 * self.dim)
+                codes.view(np.float16).reshape(ntotal, self.dim)[rows] = x
+                return
             xb = faiss.rev_swig_ptr(self._index.get_xb(), ntotal * self.dim).reshape(
                 ntotal, self.dim
             )
@@ -148,15 +161,23 @@ class VectorIndex:
                 (len(q), k), -1, dtype=np.int64
             )
         index = self._ensure()
-        if not self._hnsw:
-            dist, rows = index.search(q, k)
-            return dist, rows
-        params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]  # not in the stubs
-        params.efSearch = max(self.ef_search, k)
-        bits = self._bitmap()
-        if bits is not None:
-            params.sel = faiss.IDSelectorBitmap(index.ntotal, faiss.swig_ptr(bits))
-        dist, labels = index.search(q, k, params=params)
+        threads = faiss.omp_get_max_threads()
+        serial = len(q) < _SERIAL_QUERIES and threads > 1
+        if serial:
+            faiss.omp_set_num_threads(1)  # the calling thread's setting only (OpenMP ICV)
+        try:
+            if not self._hnsw:
+                dist, rows = index.search(q, k)
+                return dist, rows
+            params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]  # not in stubs
+            params.efSearch = max(self.ef_search, k)
+            bits = self._bitmap()
+            if bits is not None:
+                params.sel = faiss.IDSelectorBitmap(index.ntotal, faiss.swig_ptr(bits))
+            dist, labels = index.search(q, k, params=params)
+        finally:
+            if serial:
+                faiss.omp_set_num_threads(threads)
         rows = np.where(labels >= 0, self._row_of_label[np.maximum(labels, 0)], -1)
         return dist, rows
 
@@ -164,7 +185,10 @@ class VectorIndex:
         """Approximate RAM of the FAISS structures (vectors, plus graph links for HNSW)."""
         if self._index is None:
             return 0
-        per_vector = 4 * self.dim + (2 * self.hnsw_m * 4 + 16 if self._hnsw else 0)
+        if self._hnsw:
+            per_vector = 4 * self.dim + 2 * self.hnsw_m * 4 + 16
+        else:
+            per_vector = (2 if self.fp16 else 4) * self.dim
         return (
             int(self._index.ntotal) * per_vector
             + self._row_of_label.nbytes
@@ -188,6 +212,14 @@ class VectorIndex:
             index.hnsw.efConstruction = self.ef_construction
             self._row_of_label = np.arange(self.n, dtype=np.int64)
             self._label_of_row = np.arange(self.n, dtype=np.int64)
+        elif self.fp16:
+            index = faiss.IndexScalarQuantizer(
+                self.dim,
+                faiss.ScalarQuantizer.QT_fp16,
+                _FAISS_METRIC[self.metric],
+            )
+            self._row_of_label = np.zeros(0, dtype=np.int64)
+            self._label_of_row = np.zeros(0, dtype=np.int64)
         else:
             index = (
                 faiss.IndexFlatIP(self.dim) if self.metric == "ip" else faiss.IndexFlatL2(self.dim)

@@ -1,8 +1,10 @@
 """`SessionMemory`: one conversation's memory of the model's own keys and values.
 
-One *slot* per (layer, KV head) holds entries (pre-RoPE key, value, token/message ids, strength); a
-FAISS index per slot serves the attention read (top-k by inner product). Beside the slots, a kNN-LM
-store holds one entry per remembered token (final hidden state -> next token) for the output read.
+One *slot* per (layer, KV head) holds entries (pre-RoPE key, value, token/message ids, strength) and
+serves the attention read (top-k by inner product): up to ``exact_max`` entries by an exact scan of
+the slot's key column (one matmul per head, one top-k for all heads of the layer), above it by the
+slot's FAISS HNSW index. Beside the slots, a kNN-LM store holds one entry per remembered token
+(final hidden state -> next token) for the output read.
 
 Entries live in parallel numpy columns (`ColumnTable`) in insertion order = ascending entry id, so
 a search label is a row and ``searchsorted`` maps ids to rows. Entry ids are ``write base + token
@@ -19,6 +21,8 @@ write only what changed.
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,6 +35,11 @@ from .params import MemoryParams
 
 _TINY = np.float32(1e-12)  # norm guard for the cosine of an all-zero key
 _MERGE_BLOCK = 256  # queries per block of the exact cosine scan (bounds its temporary to 256 x N)
+# Exact read: score buffer of at most this many floats per query block (16 MiB), and matmuls of
+# at most _GEMM_MNK multiply-adds (rows x queries x D): OpenBLAS runs those on the calling thread,
+# so a decode step's read never wakes a second BLAS thread pool beside torch's.
+_SCORE_BLOCK = 1 << 22
+_GEMM_MNK = 1 << 18
 
 
 # --- results -------------------------------------------------------------------------------------
@@ -44,7 +53,8 @@ class SearchResult:
     scores: np.ndarray  # float32, raw inner product q . key (0 where id == -1)
     log_strength: np.ndarray  # float32, log of the current strength (-inf where id == -1)
     values: np.ndarray  # float32 [H, Q, k, D] (0 where id == -1)
-    keys: np.ndarray  # float32 [H, Q, k, D] (0 where id == -1)
+    # float32 [H, Q, k, D] (0 where id == -1); None when searched with with_keys=False
+    keys: np.ndarray | None = None
 
 
 @dataclass
@@ -100,9 +110,12 @@ def strength(s0: np.ndarray, refreshed: np.ndarray, turn: int, decay: float) -> 
 
 def log_strength(s0: np.ndarray, refreshed: np.ndarray, turn: int, decay: float) -> np.ndarray:
     """log of the current strength, float32 (in log space: no underflow for old entries)."""
-    age = (turn - refreshed).astype(np.float64)
     with np.errstate(divide="ignore"):
-        return (np.log(s0.astype(np.float64)) + age * np.log(float(decay))).astype(np.float32)
+        out = np.log(s0, dtype=np.float64)
+    age = np.subtract(turn, refreshed, dtype=np.float64)
+    age *= math.log(float(decay))
+    out += age
+    return out.astype(np.float32)
 
 
 def round_f16(x: np.ndarray) -> np.ndarray:
@@ -142,6 +155,64 @@ def batch_roots(unit: np.ndarray, threshold: float) -> np.ndarray:
         joins = hit.any(axis=1) & ~starts[i : i + len(hit)]
         root[i : i + len(hit)][joins] = hit.argmax(axis=1)[joins]
     return root
+
+
+def topk_layout(n: int, k: int) -> tuple[int, int]:
+    """How `topk_rows` takes the top k of rows of n scores: (groups, width), the rows padded to
+    `width` columns (a multiple of `groups`); groups = 0 for short rows (plain partition)."""
+    if n < 8 * k:
+        return 0, n
+    groups = max(2 * k, 1 << round(math.log2(math.sqrt(n * k))))  # ~ k x members per group
+    return groups, -(-n // groups) * groups
+
+
+def _topk_offsets(R: int, N: int, k: int, groups: int) -> tuple[np.ndarray, ...]:
+    """Index arithmetic of `topk_rows` for one shape: flat offsets of the rows of s, of the
+    members of each row's groups (R, N/G, 1), of the rows of the candidates and of the top k."""
+    c = N // groups * k if groups else N  # candidates per row
+    first = np.arange(0, R * N, N)[:, None]
+    members = first[:, :, None] + np.arange(0, N, groups)[None, :, None] if groups else first
+    out = (first, members, np.arange(0, R * c, c)[:, None], np.arange(0, R * k, k)[:, None])
+    for x in out:
+        x.flags.writeable = False
+    return out
+
+
+# decoding asks for a few small shapes over and over (R = query heads x new tokens)
+_topk_offsets_cached = functools.lru_cache(maxsize=64)(_topk_offsets)
+
+
+def topk_rows(s: np.ndarray, k: int, groups: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(columns int64, values) of the k largest entries of each row of `s` [R, N], 1 <= k <= N,
+    by value descending (ties in a deterministic but unspecified order).
+
+    With `groups` G (dividing N, G >= k), the columns form G strided groups; every entry above
+    the k-th largest group maximum lies in one of the k groups of largest maximum, and those
+    groups' maxima are k entries at least as large, so the top k are found among the k * N / G
+    members of those groups: one max-reduction and two small partitions instead of a partition
+    of the whole row.
+    """
+    R, N = s.shape
+    s = np.ascontiguousarray(s)
+    offsets = _topk_offsets_cached if R <= 64 else _topk_offsets
+    first, members, cand_first, k_first = offsets(R, N, k, groups)
+    at: np.ndarray | None = None  # flat offsets into s of the candidates, (R, c)
+    cand = s
+    if groups:
+        gmax = s.reshape(R, N // groups, groups).max(axis=1)  # (R, G)
+        top_g = np.argpartition(gmax, groups - k, axis=1)[:, groups - k :]  # (R, k)
+        at = (members + top_g[:, None, :]).reshape(R, -1)
+        cand = s.take(at)
+    c = cand.shape[1]
+    if c > k:
+        part = np.argpartition(cand, c - k, axis=1)[:, c - k :]
+        part += cand_first  # flat offsets into cand
+    else:
+        part = np.arange(R * c).reshape(R, c)
+    vals = cand.take(part)
+    order = np.argsort(vals, axis=1)[:, ::-1] + k_first  # descending
+    part, vals = part.take(order), vals.take(order)
+    return (part if at is None else at.take(part)) - first, vals
 
 
 # --- one table of entries + its index ------------------------------------------------------------
@@ -269,7 +340,8 @@ class KeySlot(EntryStore):
                 self.col("s0")[rows], self.col("refreshed")[rows], turn, self.params.decay
             )
             out.values[h] = self.col("value")[rows]
-            out.keys[h] = self.col("key")[rows]
+            if out.keys is not None:
+                out.keys[h] = self.col("key")[rows]
             return
         r = rows[hit]
         out.ids[h][hit] = self.col("id")[r]
@@ -277,7 +349,8 @@ class KeySlot(EntryStore):
         ls = log_strength(self.col("s0")[r], self.col("refreshed")[r], turn, self.params.decay)
         out.log_strength[h][hit] = ls
         out.values[h][hit] = self.col("value")[r]
-        out.keys[h][hit] = self.col("key")[r]
+        if out.keys is not None:
+            out.keys[h][hit] = self.col("key")[r]
 
     def nearest_cosine(self, unit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For unit queries [T, D]: (row of the existing key of highest cosine, that cosine).
@@ -413,6 +486,7 @@ class KnnStore(EntryStore):
             params.hnsw_m,
             params.hnsw_ef_construction,
             params.hnsw_ef_search,
+            fp16=True,  # the hidden states are float16: exact, and the read scans half the bytes
         )
         super().__init__(schema, index)
         self.params = params
@@ -531,26 +605,118 @@ class SessionMemory:
 
     # --- read ---
 
-    def search(self, layer: int, queries: npt.ArrayLike, k: int | None = None) -> SearchResult:
+    def search(
+        self, layer: int, queries: npt.ArrayLike, k: int | None = None, with_keys: bool = True
+    ) -> SearchResult:
         """Top-k memory entries of every KV head of `layer` for queries float32 [H, Q, D].
 
-        One FAISS search per head. Returns ids/scores/log_strength [H, Q, k] and values/keys
-        [H, Q, k, D].
+        Slots of up to ``exact_max`` entries are searched exactly, all heads together (see
+        `_search_exact`); larger ones by their FAISS HNSW index. Returns ids/scores/log_strength
+        [H, Q, k] and values [H, Q, k, D], and keys [H, Q, k, D] unless `with_keys` is False
+        (then ``keys`` is None; the attention read does not use them).
         """
         k = self.params.top_k if k is None else int(k)
         q = _check("queries", queries, (self.n_kv_heads, None, self.head_dim), "f")
         q = np.ascontiguousarray(q, dtype=np.float32)
         H, Q, D = q.shape
+        self.slot(layer, 0)  # IndexError outside the model
+        slots = self.slots[layer]
+        exact = [h for h, s in enumerate(slots) if len(s) and s.index.kind == "flat"]
+        found = self._search_exact(slots, exact, q, k, with_keys) if k and Q and exact else None
+        if found is not None and len(exact) == H and found.ids.shape[2] == k:
+            return found  # the common case: every head exact and holding k entries or more
         out = SearchResult(
             ids=np.full((H, Q, k), -1, dtype=np.int64),
             scores=np.zeros((H, Q, k), dtype=np.float32),
             log_strength=np.full((H, Q, k), -np.inf, dtype=np.float32),
             values=np.zeros((H, Q, k, D), dtype=np.float32),
-            keys=np.zeros((H, Q, k, D), dtype=np.float32),
+            keys=np.zeros((H, Q, k, D), dtype=np.float32) if with_keys else None,
         )
-        for h in range(H):
-            self.slot(layer, h).search_into(q[h], k, self.turn, out, h)
+        if k == 0 or Q == 0:
+            return out
+        for h, slot in enumerate(slots):
+            if len(slot) and h not in exact:
+                slot.search_into(q[h], k, self.turn, out, h)
+        if found is not None:
+            kk = found.ids.shape[2]
+            out.ids[exact, :, :kk] = found.ids
+            out.scores[exact, :, :kk] = found.scores
+            out.log_strength[exact, :, :kk] = found.log_strength
+            out.values[exact, :, :kk] = found.values
+            if out.keys is not None and found.keys is not None:
+                out.keys[exact, :, :kk] = found.keys
         return out
+
+    def _search_exact(
+        self, slots: list[KeySlot], heads: list[int], q: np.ndarray, k: int, with_keys: bool
+    ) -> SearchResult:
+        """Exact top-k of the non-empty slots `heads` (at most exact_max entries each) for queries
+        `q` [H, Q, D]: a SearchResult over those heads [len(heads), Q, kk], kk = min(k, size of the
+        largest of those slots).
+
+        Per head and block of queries, the scores are a matmul of the slot's own key column (no
+        copy of the keys is kept); the rows of every head, padded with -inf to the largest slot,
+        go through one `topk_rows`; the hits' columns are then gathered per head. Results equal
+        a brute force, ties aside (the order of equal scores is unspecified).
+        """
+        E, Q, D = len(heads), q.shape[1], q.shape[2]
+        sizes = [len(slots[h]) for h in heads]
+        kk = min(k, max(sizes))  # beyond the largest slot's size, ids stay -1
+        groups, width = topk_layout(max(sizes), kk)
+        step = max(1, _SCORE_BLOCK // (E * width))  # queries per block
+        ids = np.empty((E, Q, kk), dtype=np.int64)
+        scores = np.empty((E, Q, kk), dtype=np.float32)
+        s0 = np.empty((E, Q, kk), dtype=np.float32)
+        refreshed = np.empty((E, Q, kk), dtype=np.int32)
+        values = np.empty((E, Q, kk, D), dtype=np.float16)
+        keys = np.empty((E, Q, kk, D), dtype=np.float32) if with_keys else None
+        miss: np.ndarray | None = None  # where a slot has fewer than kk entries
+        for a in range(0, Q, step):
+            b = min(Q, a + step)
+            qb = b - a
+            # queries as C-contiguous (D, qb) per head: BLAS is twice as fast as with a
+            # transposed view; scores land key-major in `buf`, each matmul into a contiguous block
+            qt = np.ascontiguousarray(q[:, a:b].transpose(0, 2, 1))
+            buf = np.empty((E, width, qb), dtype=np.float32)
+            chunk = max(256, _GEMM_MNK // (qb * D))  # key rows per matmul
+            for i, h in enumerate(heads):
+                kcol, size = slots[h].col("key"), sizes[i]
+                for r0 in range(0, size, chunk):
+                    r1 = min(size, r0 + chunk)
+                    np.matmul(kcol[r0:r1], qt[h], out=buf[i, r0:r1])
+                if size < width:
+                    buf[i, size:] = -np.inf
+            cols, top = topk_rows(buf.transpose(0, 2, 1).reshape(E * qb, width), kk, groups)
+            rows = cols.reshape(E, qb, kk)
+            scores[:, a:b] = top.reshape(E, qb, kk)
+            if min(sizes) < kk:
+                short = rows >= np.array(sizes)[:, None, None]  # -inf padding was picked
+                if short.any():
+                    if miss is None:
+                        miss = np.zeros((E, Q, kk), dtype=bool)
+                    miss[:, a:b] = short
+                    rows = np.where(short, 0, rows)
+            for i, h in enumerate(heads):
+                slot, r = slots[h], rows[i]
+                slot.col("id").take(r, out=ids[i, a:b], mode="clip")
+                slot.col("s0").take(r, out=s0[i, a:b], mode="clip")
+                slot.col("refreshed").take(r, out=refreshed[i, a:b], mode="clip")
+                slot.col("value").take(r, axis=0, out=values[i, a:b], mode="clip")
+                if keys is not None:
+                    slot.col("key").take(r, axis=0, out=keys[i, a:b], mode="clip")
+        found = SearchResult(
+            ids=ids,
+            scores=scores,
+            log_strength=log_strength(s0, refreshed, self.turn, self.params.decay),
+            values=values.astype(np.float32),
+            keys=keys,
+        )
+        if miss is not None:
+            found.ids[miss], found.scores[miss], found.log_strength[miss] = -1, 0.0, -np.inf
+            found.values[miss] = 0.0
+            if found.keys is not None:
+                found.keys[miss] = 0.0
+        return found
 
     def knn_search(self, hidden: npt.ArrayLike, k: int | None = None) -> KnnResult:
         """kNN-LM read: top-k remembered tokens by squared L2 distance of hidden [Q, Dm]."""

@@ -10,6 +10,7 @@ applies the per-key rate limit. Every route that takes a session id takes it as
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated
 
 from fastapi import Depends, Path, Query, Request
@@ -112,6 +113,9 @@ def get_caller(
 CallerDep = Annotated[Caller, Depends(get_caller)]
 
 
+_ID = re.compile(r"[0-9A-Za-z_-]+")  # session ids are uuid4().hex
+
+
 def owned_session_id(
     session_id: Annotated[str, Path(max_length=200, description="The session's id.")],
     caller: CallerDep,
@@ -119,6 +123,8 @@ def owned_session_id(
 ) -> str:
     """The path's session id, once it is known to be the caller's: another tenant's session is
     the same 404 as an unknown id (nothing tells that it exists)."""
+    if not _ID.fullmatch(session_id):  # no session has such an id (and NUL breaks PostgreSQL)
+        raise SessionNotFound(session_id)
     with db() as s:
         owner = s.scalar(select(ChatSession.tenant_id).where(ChatSession.id == session_id))
     if owner is None or owner != caller.tenant_id:

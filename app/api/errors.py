@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.api.schemas import ErrorResponse
 from app.engine import MessageNotFound, PinnedMessage, SessionBusy, WindowTooSmall
 from memory_store.errors import InvalidExport, SessionNotFound
 
@@ -35,6 +36,26 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.type = status, message, type
         self.code, self.param, self.headers = code, param, headers
+
+
+# The error statuses a /v1 route may answer, documented in the OpenAPI schema with the one shape
+# (so that clients and schema-driven tools know them; FastAPI's default 422 shape is not ours).
+ERROR_STATUSES = {
+    400: "The body could not be parsed (not UTF-8, or not JSON).",
+    401: "Auth is on and the API key is missing, unknown or revoked.",
+    403: "The tenant's session quota is reached.",
+    404: "No such session or message (another tenant's session is not found either).",
+    409: "The session is busy with another turn.",
+    413: "A message or an import is over its limit.",
+    422: "Invalid input; `param` names the field.",
+    429: "The key's rate limit is reached; see `Retry-After`.",
+    503: "The model is loading (or failed to load).",
+}
+
+
+def error_responses() -> dict[int | str, dict[str, Any]]:
+    """The ``responses`` of the /v1 routers: every error status, with `ErrorResponse`."""
+    return {code: {"model": ErrorResponse, "description": d} for code, d in ERROR_STATUSES.items()}
 
 
 def error_body(
@@ -109,8 +130,12 @@ def install(app: FastAPI) -> None:
     async def http(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        message, code = str(exc.detail), None
+        if exc.status_code == 400:  # FastAPI's "There was an error parsing the body"
+            message = "the request body could not be parsed: send JSON, encoded as UTF-8"
+            code = "invalid_body"
         return _respond(
-            APIError(exc.status_code, str(exc.detail), kind, headers=dict(exc.headers or {}))
+            APIError(exc.status_code, message, kind, code, headers=dict(exc.headers or {}))
         )
 
     app.add_exception_handler(StarletteHTTPException, http)

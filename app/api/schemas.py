@@ -6,14 +6,41 @@ Inputs forbid unknown fields so that a typo is a 422 naming the field, not a sil
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Role = Literal["system", "user", "assistant"]
 
 
-class _In(BaseModel):
+def storable(value: Any) -> Any:
+    """Refuse text no database column can hold: NUL (PostgreSQL's text refuses it) and lone
+    surrogates (not encodable as UTF-8). Other control characters are kept as sent."""
+    for text in value if isinstance(value, list) else [value]:
+        if not isinstance(text, str):
+            continue
+        if "\x00" in text:
+            raise ValueError("must not contain NUL (\\u0000) characters")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError("is not valid Unicode (a lone surrogate)") from exc
+    return value
+
+
+class Storable(BaseModel):
+    """A request model: strict types (``false`` is not a number, ``"3"`` not an integer) and
+    text that can be stored (see `storable`)."""
+
+    model_config = ConfigDict(strict=True)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _storable(cls, value: Any) -> Any:
+        return storable(value)
+
+
+class _In(Storable):
     model_config = ConfigDict(extra="forbid")
 
 

@@ -66,7 +66,7 @@ class _OneEntryMemory:
     def token_count(self) -> int:
         return 0
 
-    def search(self, layer: int, queries: np.ndarray, k: int):  # noqa: ANN201
+    def search(self, layer: int, queries: np.ndarray, k: int, with_keys: bool = True):  # noqa: ANN201
         from types import SimpleNamespace
 
         h, q, d = queries.shape
@@ -98,3 +98,83 @@ def test_memory_logit_joins_one_softmax() -> None:
     expected_t = torch.stack(expected).transpose(0, 1).reshape(t, hq * d)
     assert torch.allclose(out, expected_t, atol=1e-5)
     assert ids is not None and w_mem is not None and (w_mem > 0).all() and (w_mem < 1).all()
+
+
+class _KnnMemory:
+    """A memory whose kNN read returns fixed neighbours."""
+
+    def __init__(self, ids: np.ndarray, dist: np.ndarray, log_s: np.ndarray) -> None:
+        self.ids, self.dist, self.log_s = ids, dist, log_s
+
+    def token_count(self) -> int:
+        return 1
+
+    def knn_search(self, hidden: np.ndarray, k: int):  # noqa: ANN201
+        from types import SimpleNamespace
+
+        return SimpleNamespace(
+            next_token_ids=self.ids, distances=self.dist, log_strength=self.log_s
+        )
+
+
+def _knn_mix_dense(logprobs, hidden, found: _KnnMemory, cfg) -> torch.Tensor:  # noqa: ANN001
+    """The kNN-LM mixture over the whole vocabulary, as first written (the oracle)."""
+    ids = torch.from_numpy(found.ids)
+    norm2 = hidden.float().pow(2).sum(-1, keepdim=True).clamp_min(1e-6)
+    dist = torch.from_numpy(found.dist).float() / norm2
+    dist = dist.masked_fill(ids < 0, float("inf"))
+    log_s = torch.from_numpy(found.log_s).float()
+    vote = (-dist / cfg.knn_temperature + log_s).masked_fill(ids < 0, float("-inf"))
+    p_vote = torch.softmax(vote, dim=-1).nan_to_num(0.0)
+    p_mem = torch.zeros_like(logprobs, dtype=torch.float32)
+    p_mem.scatter_add_(1, ids.clamp(min=0), p_vote)
+    nearest = dist.min(dim=-1, keepdim=True).values
+    lam = cfg.knn_lambda * torch.sigmoid((cfg.knn_gate - nearest) / cfg.knn_gate_width)
+    mixed = (1 - lam) * logprobs.float().exp() + lam * p_mem
+    return mixed.clamp_min(1e-30).log()
+
+
+def test_knn_mix_equals_the_dense_mixture() -> None:
+    from app.memory_llama import knn_mix
+
+    torch.manual_seed(1)
+    rng = np.random.default_rng(1)
+    t, v, k, dm = 5, 300, 6, 16
+    logprobs = torch.log_softmax(torch.randn(t, v) * 12, dim=-1)  # some below log(1e-30)
+    assert (logprobs < -69.1).any()
+    hidden = torch.randn(t, dm)
+    ids = rng.integers(0, 8, (t, k))  # repeated tokens among the neighbours
+    ids[1, 3:] = -1  # missing neighbours (at the end, as the store pads)
+    ids[2, :] = -1  # none at all
+    ids[3, :] = [0, 0, 5, 5, 0, 7]
+    norm2 = hidden.pow(2).sum(-1, keepdim=True).numpy()
+    rel = np.sort(rng.uniform(0.2, 0.5, (t, k)), axis=1)
+    rel[4] += 1.0  # far: the gate closes
+    dist = (rel * norm2).astype(np.float32)
+    dist[ids < 0] = np.inf
+    log_s = np.where(ids < 0, -np.inf, rng.uniform(-1, 0, (t, k))).astype(np.float32)
+    mem = _KnnMemory(ids, dist, log_s)
+    for cfg in (ReadConfig(), ReadConfig(knn_lambda=0.9, knn_temperature=0.2)):
+        got = knn_mix(logprobs, hidden, mem, cfg)
+        want = _knn_mix_dense(logprobs, hidden, mem, cfg)
+        assert got.dtype == logprobs.dtype and got.shape == logprobs.shape
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+    assert knn_mix(logprobs, hidden, mem, ReadConfig(knn_lambda=0.0)) is logprobs
+
+
+def test_keys_written_in_place_equal_the_concatenating_path(lm: LoadedModel) -> None:
+    ids = _ids(lm)
+    n = len(ids)
+    roomy = WindowCache(lm.model, n + 8)  # new tokens are written into its buffers
+    tight = WindowCache(lm.model, n - 3)  # full after the prefix: new tokens are concatenated
+    for w in (roomy, tight):
+        forward(lm.model, ids[:-3], w, None, ReadConfig(), logits_from=None)
+    a = forward(lm.model, ids[-3:], roomy, None, ReadConfig(), commit=False, logits_from=0)
+    b = forward(lm.model, ids[-3:], tight, None, ReadConfig(), commit=False, logits_from=0)
+    assert roomy.length == tight.length == n - 3  # commit=False leaves the windows as they were
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.keys, b.keys, atol=1e-6, rtol=0)
+    c = forward(lm.model, ids[-3:], roomy, None, ReadConfig(), commit=True, logits_from=0)
+    assert roomy.length == n
+    torch.testing.assert_close(c.logits, a.logits, atol=1e-6, rtol=0)
+    torch.testing.assert_close(roomy.keys[:, :, n - 3 : n], c.keys, atol=1e-6, rtol=0)

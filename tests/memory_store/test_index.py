@@ -12,9 +12,9 @@ from memory_store.index import VectorIndex
 class Table:
     """The table a VectorIndex mirrors: a growing float32 matrix."""
 
-    def __init__(self, dim: int, metric: str, exact_max: int):
+    def __init__(self, dim: int, metric: str, exact_max: int, fp16: bool = False):
         self.x = np.zeros((0, dim), dtype=np.float32)
-        self.index = VectorIndex(dim, metric, exact_max, lambda: self.x, hnsw_m=16)  # type: ignore[arg-type]
+        self.index = VectorIndex(dim, metric, exact_max, lambda: self.x, hnsw_m=16, fp16=fp16)  # type: ignore[arg-type]
 
     def append(self, v: np.ndarray) -> None:
         self.x = np.concatenate([self.x, v])
@@ -51,6 +51,35 @@ def test_flat_matches_brute_force(metric):
         assert t.index.kind == "flat"
         np.testing.assert_array_equal(rows, true_rows)
         np.testing.assert_allclose(dist, true_dist, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_flat_fp16_matches_brute_force(metric):
+    """The float16 exact kind, over float16 vectors: the same answers, through the same churn."""
+    rng = np.random.default_rng(3)
+    t = Table(16, metric, exact_max=10_000, fp16=True)
+    oracle = topk_ip if metric == "ip" else topk_l2
+
+    def f16(shape: tuple[int, int]) -> np.ndarray:
+        return rng.standard_normal(shape).astype(np.float16).astype(np.float32)
+
+    def check() -> None:
+        q = rng.standard_normal((25, 16)).astype(np.float32)
+        dist, rows = t.index.search(q, 8)
+        true_rows, true_dist = oracle(q, t.x, 8)
+        assert t.index.kind == "flat"
+        np.testing.assert_array_equal(rows, true_rows)
+        np.testing.assert_allclose(dist, true_dist, rtol=1e-4, atol=1e-4)
+
+    for _ in range(8):
+        t.append(f16((int(rng.integers(1, 40)), 16)))  # into the built index
+        check()
+        rows = rng.choice(len(t.x), 3, replace=False)
+        t.update(rows, f16((3, 16)))  # in place, in the float16 codes
+        check()
+        t.remove(rng.random(len(t.x)) > 0.1)  # dropped, rebuilt at the next search
+        check()
+    assert t.index.nbytes() == len(t.x) * 16 * 2
 
 
 def test_missing_neighbours_are_minus_one():

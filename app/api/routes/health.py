@@ -18,7 +18,7 @@ def livez() -> dict[str, str]:
     return {"status": "alive"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={503: {"description": "Not ready: the model or the database."}})
 def readyz(request: Request, db: DbDep) -> JSONResponse:
     """200 once the model is loaded and the database answers; 503 before, with the reason."""
     checks: dict[str, str] = {}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Path
 
 from app.api import schemas, views
 from app.api.deps import DbDep, EngineDep, OwnedSessionId, PagingDep, SettingsDep
@@ -65,7 +67,9 @@ def last_read(
 
 @router.delete("/messages/{message_id}", response_model=schemas.ForgetResponse)
 def forget_message(
-    session_id: OwnedSessionId, message_id: int, engine: EngineDep
+    session_id: OwnedSessionId,
+    message_id: Annotated[int, Path(ge=0, le=2**31 - 1, description="The message's id.")],
+    engine: EngineDep,
 ) -> schemas.ForgetResponse:
     """Forget a message: its hidden states leave memory and window; its text stays."""
     return schemas.ForgetResponse(removed_entries=engine.forget_message(session_id, message_id))

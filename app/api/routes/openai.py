@@ -52,6 +52,9 @@ def _check(body: oa.ChatCompletionRequest, settings: Settings) -> None:
         raise APIError(422, "logprobs are not supported", param="logprobs", code="unsupported")
     if body.messages[-1].role != "user":
         raise APIError(422, "the last message must be the user's", param="messages")
+    if not body.messages[-1].text():
+        last = f"messages.{len(body.messages) - 1}.content"
+        raise APIError(422, "the last message (the user's) has no text", param=last)
     for i, m in enumerate(body.messages):
         check_size(m.text(), settings.max_message_chars, f"messages.{i}.content")
 

@@ -22,9 +22,9 @@ from app.api.deps import (
     check_session_quota,
 )
 from app.api.errors import APIError
-from app.engine import SessionOptions
+from app.engine import ROLES, SessionOptions
 from memory_store import MemoryParams
-from memory_store.errors import SessionNotFound
+from memory_store.errors import InvalidExport, SessionNotFound
 from memory_store.models import ChatSession, Message
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
@@ -181,10 +181,37 @@ async def import_session(
 ) -> schemas.SessionOut:
     """Create a session of the caller from an exported file; a file that fails its checks
     imports nothing. The same quota and capacity limits as a new session apply."""
+    _check_export(doc)
     check_capacity(_exported_capacity(doc), settings, "session.params.memory.capacity")
     await run_in_threadpool(check_session_quota, db, settings, caller.tenant_id)
     sid = await run_in_threadpool(engine.import_, doc, None, caller.tenant_id)
     return await run_in_threadpool(_show, db, sid)
+
+
+def _check_export(doc: dict[str, Any]) -> None:
+    """Refuse (InvalidExport) an export the engine could not run: a window out of the range a new
+    session may have, a message role it does not know, text no database can store. The import
+    checks the rest (structure, blobs, checksum)."""
+    session = doc.get("session")
+    window = session.get("window") if isinstance(session, dict) else None
+    lo, hi = 32, 8192  # as schemas.SessionCreate.window
+    if window is not None and (
+        not isinstance(window, int) or isinstance(window, bool) or not lo <= window <= hi
+    ):
+        raise InvalidExport(f"session.window: {window!r} is not a window of {lo} to {hi} tokens")
+    tables = doc.get("tables")
+    rows = tables.get("messages") if isinstance(tables, dict) else None
+    for i, row in enumerate(rows if isinstance(rows, list) else []):
+        if not isinstance(row, dict):
+            continue  # the import's own checks name it
+        where = f"tables.messages[{i}]"
+        if row.get("role") not in ROLES:
+            role = row.get("role")
+            raise InvalidExport(f"{where}: unknown role {role!r}; expected one of {ROLES}")
+        try:
+            schemas.storable(row.get("content"))
+        except ValueError as exc:
+            raise InvalidExport(f"{where}.content {exc}") from exc
 
 
 def _exported_capacity(doc: dict[str, Any]) -> int:

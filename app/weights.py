@@ -1,0 +1,123 @@
+"""Weight formats of the decoder's linear layers, and the fused projections the decoding step uses.
+
+Decoding one token is a matrix-vector product per linear layer, so its cost is the bytes of the
+weights read, plus a fixed cost per call. `pack_weights` therefore
+
+* fuses the projections that share an input: q/k/v into one ``qkv`` matrix and gate/up into one
+  ``gate_up`` matrix per layer (four matmuls per layer instead of seven), keeping the original
+  modules as views of the fused storage so the model's own (transformers) forward still works;
+* stores the weights in the chosen format:
+
+  - ``fp32``: as loaded (exact: the reference);
+  - ``bf16``: bfloat16 weights, activations cast to bf16 for the product (half the bytes);
+  - ``int8``: weight-only int8, symmetric per output channel (scale = max |w| / 127), computed by
+    torch's ``_weight_int8pack_mm`` kernel with bf16 activations (a quarter of the bytes).
+
+Norms, embeddings, RoPE, attention and the window/memory tensors stay float32 in every format.
+The LM head (tied to the embedding in SmolLM2) gets its own packed copy in ``bf16``/``int8``; the
+embedding lookup keeps the float32 table.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import LlamaForCausalLM
+
+WeightFormat = Literal["fp32", "bf16", "int8"]
+WEIGHT_FORMATS: tuple[WeightFormat, ...] = ("fp32", "bf16", "int8")
+
+
+class PackedLinear(nn.Module):
+    """``y = x W^T`` (no bias) with W in one of the weight formats; input and output keep the
+    caller's dtype (float32)."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor | None
+
+    def __init__(self, weight: torch.Tensor, fmt: WeightFormat) -> None:
+        super().__init__()
+        w = weight.detach().float()
+        self.fmt = fmt
+        self.in_features = int(w.shape[1])
+        self.out_features = int(w.shape[0])
+        if fmt == "int8":
+            scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+            q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+            self.register_buffer("weight", q.contiguous())
+            self.register_buffer("scale", scale.to(torch.bfloat16))
+        elif fmt == "bf16":
+            self.register_buffer("weight", w.to(torch.bfloat16).contiguous())
+            self.register_buffer("scale", None)
+        else:
+            self.register_buffer("weight", w.contiguous())
+            self.register_buffer("scale", None)
+
+    @classmethod
+    def view_of(cls, fused: PackedLinear, start: int, end: int) -> PackedLinear:
+        """Rows start..end-1 of `fused` as a module sharing its storage (no copy)."""
+        part = cls.__new__(cls)
+        nn.Module.__init__(part)
+        part.fmt = fused.fmt
+        part.in_features = fused.in_features
+        part.out_features = end - start
+        part.register_buffer("weight", fused.weight[start:end])
+        part.register_buffer("scale", None if fused.scale is None else fused.scale[start:end])
+        return part
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.fmt == "int8":
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scale)
+        elif self.fmt == "bf16":
+            y = torch.nn.functional.linear(x2.to(torch.bfloat16), self.weight)
+        else:
+            y = torch.nn.functional.linear(x2, self.weight)
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, format={self.fmt}"
+
+
+def _fuse(mods: list[nn.Linear], fmt: WeightFormat) -> tuple[PackedLinear, list[PackedLinear]]:
+    """One packed matrix of the modules' weights stacked by rows, and a view per module."""
+    fused = PackedLinear(torch.cat([m.weight for m in mods], dim=0), fmt)
+    views, start = [], 0
+    for m in mods:
+        end = start + m.weight.shape[0]
+        views.append(PackedLinear.view_of(fused, start, end))
+        start = end
+    return fused, views
+
+
+def pack_weights(model: LlamaForCausalLM, fmt: WeightFormat = "fp32") -> LlamaForCausalLM:
+    """Fuse every layer's q/k/v and gate/up projections (``self_attn.qkv_proj``,
+    ``mlp.gate_up_proj``) and store all linear weights in `fmt`; in place, returns `model`.
+    Idempotent for the same format; a packed model cannot be repacked to another format."""
+    if fmt not in WEIGHT_FORMATS:
+        raise ValueError(f"unknown weight format {fmt!r}; choose from {', '.join(WEIGHT_FORMATS)}")
+    done = getattr(model, "memchat_weights", None)
+    if done is not None:
+        if done != fmt:
+            raise ValueError(f"the model is already packed as {done}, not {fmt}")
+        return model
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+            owner = attn if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else mlp
+            if getattr(owner, name).bias is not None:
+                raise ValueError(f"{name} has a bias: memchat's packed linears have none")
+        attn.qkv_proj, (attn.q_proj, attn.k_proj, attn.v_proj) = _fuse(
+            [attn.q_proj, attn.k_proj, attn.v_proj], fmt
+        )
+        mlp.gate_up_proj, (mlp.gate_proj, mlp.up_proj) = _fuse([mlp.gate_proj, mlp.up_proj], fmt)
+        attn.o_proj = PackedLinear(attn.o_proj.weight, fmt)
+        mlp.down_proj = PackedLinear(mlp.down_proj.weight, fmt)
+    if fmt != "fp32":
+        # a packed copy for the head; the embedding keeps the float32 table for lookups
+        model.lm_head = PackedLinear(model.lm_head.weight, fmt)
+    model.memchat_weights = fmt  # type: ignore[assignment]  # a plain attribute, not a module
+    return model

@@ -1,0 +1,95 @@
+"""Packed weight formats (app/weights.py): fp32 exact, bf16 and int8 close to it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from app.config import Settings
+from app.memory_llama import ReadConfig, WindowCache, forward, reference_logits
+from app.model import LoadedModel, load_model, resolve_model_dir
+from app.weights import PackedLinear, pack_weights
+
+PROMPTS = [
+    "Name three colours of the rainbow, please.",
+    "My sister lives in Lisbon and works as a nurse.",
+    "What is the capital of France?",
+]
+
+
+def _ids(lm: LoadedModel, text: str) -> torch.Tensor:
+    msgs = [{"role": "user", "content": text}]
+    out = lm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
+    return torch.tensor(out["input_ids"])
+
+
+@pytest.fixture(scope="module")
+def stock() -> LlamaForCausalLM:
+    """The model as transformers loads it: not packed, float32."""
+    s = Settings()
+    model = LlamaForCausalLM.from_pretrained(
+        resolve_model_dir(s.model_path, s.cache_dir), local_files_only=True
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def int8_lm() -> LoadedModel:
+    s = Settings()
+    return load_model(s.model_path, s.cache_dir, weights="int8")
+
+
+def _memchat_logprobs(model: LlamaForCausalLM, ids: torch.Tensor) -> torch.Tensor:
+    window = WindowCache(model, len(ids) + 4)
+    return forward(model, ids, window, None, ReadConfig(), logits_from=0).logits
+
+
+def test_fp32_packed_forward_equals_stock_transformers(lm: LoadedModel, stock) -> None:
+    assert getattr(lm.model, "memchat_weights", None) == "fp32"
+    assert isinstance(lm.model.model.layers[0].self_attn.qkv_proj, PackedLinear)
+    for text in PROMPTS:
+        ids = _ids(lm, text)
+        ref = reference_logits(stock, ids)
+        # the fused matmuls change only the summation order
+        assert (_memchat_logprobs(lm.model, ids) - ref).abs().max().item() < 2e-4
+        # the packed model's own transformers forward still works (views of the fused weights)
+        assert (reference_logits(lm.model, ids) - ref).abs().max().item() < 2e-4
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_packed_linear_close_to_float(fmt: str) -> None:
+    torch.manual_seed(0)
+    w = torch.randn(96, 64)
+    x = torch.randn(5, 64)
+    exact = x @ w.T
+    got = PackedLinear(w, fmt)(x)  # type: ignore[arg-type]
+    assert got.dtype == torch.float32 and got.shape == exact.shape
+    rel = ((got - exact).norm() / exact.norm()).item()
+    assert rel < 0.02, rel
+    assert rel > 0  # actually quantized: not the float32 product
+
+
+def test_int8_model_predicts_like_fp32(lm: LoadedModel, int8_lm: LoadedModel) -> None:
+    lin = int8_lm.model.model.layers[3].mlp.gate_up_proj
+    assert lin.weight.dtype == torch.int8
+    assert int8_lm.model.lm_head.weight.dtype == torch.int8
+    agree = total = 0
+    for text in PROMPTS:
+        ids = _ids(lm, text)
+        a = _memchat_logprobs(lm.model, ids)
+        b = _memchat_logprobs(int8_lm.model, ids)
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        total += len(ids)
+        # the probability mass the fp32 model puts on its top token moves little
+        top = a.argmax(-1, keepdim=True)
+        assert (a.gather(1, top).exp() - b.gather(1, top).exp()).abs().max().item() < 0.15
+    assert agree / total >= 0.9, (agree, total)
+
+
+def test_pack_weights_refuses_a_second_format(int8_lm: LoadedModel) -> None:
+    assert pack_weights(int8_lm.model, "int8") is int8_lm.model  # same format: nothing to do
+    with pytest.raises(ValueError, match="already packed as int8"):
+        pack_weights(int8_lm.model, "fp32")
+    with pytest.raises(ValueError, match="unknown weight format"):
+        pack_weights(int8_lm.model, "int4")  # type: ignore[arg-type]

@@ -1,0 +1,164 @@
+"""The exact (batched, below exact_max) read path against numpy brute force and the FAISS index."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ms_oracle import recall, topk_ip
+
+from memory_store import MemoryParams, SearchResult, SessionMemory
+from memory_store import store as store_mod
+from memory_store.store import log_strength, topk_layout, topk_rows
+
+L, H, D, DM = 2, 3, 8, 12
+
+
+@pytest.mark.parametrize("n", [1, 5, 16, 17, 100, 127, 128, 300, 1450, 5000])
+@pytest.mark.parametrize("k", [1, 4, 16])
+def test_topk_rows_matches_sort(n: int, k: int) -> None:
+    if k > n:
+        return
+    rng = np.random.default_rng(n * 100 + k)
+    groups, width = topk_layout(n, k)
+    assert width >= n and (groups == 0 or (width % groups == 0 and groups >= k))
+    s = np.full((7, width), -np.inf, dtype=np.float32)
+    s[:, :n] = rng.standard_normal((7, n)).astype(np.float32)
+    s[2, min(n, 3) :] = -np.inf  # a row with at most 3 finite entries
+    s[4] = -np.inf  # a row without any
+    cols, vals = topk_rows(s, k, groups)
+    order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    want = np.take_along_axis(s, order, axis=1)
+    np.testing.assert_array_equal(vals, want)
+    np.testing.assert_array_equal(np.take_along_axis(s, cols, axis=1), vals)
+    finite = np.isfinite(want)
+    np.testing.assert_array_equal(cols[finite], order[finite])  # no ties among finite floats
+    for row in cols:
+        assert len(np.unique(row)) == k  # distinct columns, also among the -inf padding
+
+
+def test_topk_rows_ties_keep_the_top_values() -> None:
+    rng = np.random.default_rng(5)
+    n, k = 2000, 16
+    groups, width = topk_layout(n, k)
+    s = np.full((4, width), -np.inf, dtype=np.float32)
+    s[:, :n] = rng.integers(0, 20, (4, n)).astype(np.float32)  # many equal scores
+    cols, vals = topk_rows(s, k, groups)
+    np.testing.assert_array_equal(vals, -np.sort(-s, axis=1)[:, :k])
+    np.testing.assert_array_equal(np.take_along_axis(s, cols, axis=1), vals)
+    assert all(len(np.unique(c)) == k for c in cols)
+
+
+def _fill(mem: SessionMemory, rng: np.random.Generator, turns: int, T: int) -> None:
+    """Random turns from the current one; head 2's keys are near one direction, so it merges
+    into few entries."""
+    base = rng.standard_normal(D).astype(np.float32)
+    first = mem.turn
+    for turn in range(first, first + turns):
+        mem.set_turn(turn)
+        keys = rng.standard_normal((L, H, T, D)).astype(np.float32)
+        keys[:, 2] = base + 0.01 * keys[:, 2]
+        values = rng.standard_normal((L, H, T, D)).astype(np.float32)
+        mem.write(keys, values, np.arange(T), np.full(T, turn), np.arange(T))
+
+
+def _check_exact(mem: SessionMemory, rng: np.random.Generator, k: int, Q: int = 9) -> None:
+    """Every flat slot's read equals a float64 brute force over its live entries, and FAISS."""
+    for layer in range(L):
+        q = rng.standard_normal((H, Q, D)).astype(np.float32)
+        r = mem.search(layer, q, k)
+        r_nokeys = mem.search(layer, q, k, with_keys=False)
+        assert r_nokeys.keys is None
+        for name in ("ids", "scores", "log_strength", "values"):
+            np.testing.assert_array_equal(getattr(r, name), getattr(r_nokeys, name), name)
+        assert r.keys is not None
+        for h in range(H):
+            slot = mem.slots[layer][h]
+            if slot.index.kind != "flat":
+                continue
+            if len(slot) == 0:
+                assert (r.ids[h] == -1).all() and (r.scores[h] == 0).all()
+                assert np.isneginf(r.log_strength[h]).all() and (r.values[h] == 0).all()
+                continue
+            rows, scores = topk_ip(q[h], slot.col("key"), k)
+            hit = rows >= 0
+            r_ = np.maximum(rows, 0)
+            np.testing.assert_array_equal(r.ids[h], np.where(hit, slot.col("id")[r_], -1))
+            np.testing.assert_allclose(r.scores[h], np.where(hit, scores, 0), rtol=1e-5, atol=1e-5)
+            np.testing.assert_array_equal(
+                r.values[h], np.where(hit[..., None], slot.col("value")[r_].astype(np.float32), 0)
+            )
+            np.testing.assert_array_equal(
+                r.keys[h], np.where(hit[..., None], slot.col("key")[r_], 0)
+            )
+            ls = log_strength(
+                slot.col("s0")[r_], slot.col("refreshed")[r_], mem.turn, mem.params.decay
+            )
+            np.testing.assert_array_equal(r.log_strength[h], np.where(hit, ls, -np.inf))
+            dist, frows = slot.index.search(q[h], k)  # the slot's FAISS flat index agrees
+            np.testing.assert_array_equal(
+                r.ids[h], np.where(frows >= 0, slot.col("id")[np.maximum(frows, 0)], -1)
+            )
+            np.testing.assert_allclose(r.scores[h], np.where(frows >= 0, dist, 0), atol=1e-5)
+
+
+def test_exact_read_matches_brute_force_through_merges_and_evictions(rng) -> None:
+    mem = SessionMemory(L, H, D, DM, MemoryParams(merge_threshold=0.9, decay=0.9, floor=0.5))
+    _check_exact(mem, rng, 6)  # empty memory
+    _fill(mem, rng, 3, 40)
+    sizes = [[len(s) for s in layer] for layer in mem.slots]
+    assert min(sizes[0][:2]) > 16 and max(s[2] for s in sizes) < 16  # head 2 below k
+    for k in (1, 6, 16, 200):  # 200: more than any slot holds
+        _check_exact(mem, rng, k)
+    mem.slots[1][0].forget_all()  # an empty slot beside non-empty ones
+    _check_exact(mem, rng, 16)
+    # merges into existing entries (updated keys and values) and new entries
+    mem.set_turn(3)
+    again = np.stack([mem.slots[layer][1].col("key")[:10] for layer in range(L)])[:, None]
+    keys = np.repeat(again, H, axis=1) + 0.001
+    mem.write(keys, keys, np.arange(10), np.full(10, 9), np.arange(10))
+    _check_exact(mem, rng, 16)
+    # evictions (the first turns fall below the floor) compact every slot
+    before = mem.entry_count()
+    mem.set_turn(8)
+    assert mem.evict() > 0 and mem.entry_count() < before
+    _check_exact(mem, rng, 16)
+    _fill(mem, rng, 1, 25)
+    _check_exact(mem, rng, 16)
+
+
+def test_exact_read_blocks_and_chunks(rng, monkeypatch) -> None:
+    """Query blocks (bounded score buffer) and row chunks (bounded matmuls) change nothing but
+    rounding."""
+    mem = SessionMemory(L, H, D, DM, MemoryParams(merge_threshold=2.0))
+    _fill(mem, rng, 2, 400)
+    q = rng.standard_normal((H, 50, D)).astype(np.float32)
+    whole = mem.search(1, q, 16)
+    monkeypatch.setattr(store_mod, "_SCORE_BLOCK", 1)  # one query per block
+    monkeypatch.setattr(store_mod, "_GEMM_MNK", 1)  # 256 key rows per matmul
+    parts = mem.search(1, q, 16)
+    for name in ("ids", "log_strength", "values", "keys"):
+        np.testing.assert_array_equal(getattr(whole, name), getattr(parts, name), name)
+    np.testing.assert_allclose(whole.scores, parts.scores, rtol=1e-6, atol=1e-6)
+    _check_exact(mem, rng, 16)
+
+
+def test_mixed_layer_exact_and_hnsw(rng) -> None:
+    """Heads above exact_max go through HNSW, the others through the exact path, in one call."""
+    mem = SessionMemory(L, H, D, DM, MemoryParams(merge_threshold=0.9, exact_max=60, hnsw_m=16))
+    _fill(mem, rng, 4, 50)
+    kinds = [s.index.kind for s in mem.slots[0]]
+    assert kinds == ["hnsw", "hnsw", "flat"]
+    _check_exact(mem, rng, 8)
+    q = rng.standard_normal((H, 20, D)).astype(np.float32)
+    r = mem.search(0, q, 8, with_keys=False)
+    assert isinstance(r, SearchResult) and r.keys is None
+    for h in (0, 1):
+        keys = mem.slots[0][h].col("key")
+        truth = mem.slots[0][h].col("id")[topk_ip(q[h], keys, 8)[0]]
+        assert recall(r.ids[h], truth) >= 0.9
+
+
+def test_search_rejects_a_layer_outside_the_model() -> None:
+    mem = SessionMemory(L, H, D, DM)
+    with pytest.raises(IndexError):
+        mem.search(L, np.zeros((H, 1, D), np.float32), 4)

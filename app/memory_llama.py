@@ -355,6 +355,9 @@ def forward(
         values_t = window.values[:, :, past:end].clone()
         if commit:
             window.commit_written(t)
+        else:  # leave nothing past the window's tokens (forgetting promises no stray copies)
+            for buf in (window.keys, window.values, window.keys_rot):
+                buf[:, :, past:end] = 0
     else:
         keys_t, values_t = torch.stack(keys), torch.stack(values)
         if commit:

@@ -178,3 +178,12 @@ def test_keys_written_in_place_equal_the_concatenating_path(lm: LoadedModel) -> 
     assert roomy.length == n
     torch.testing.assert_close(c.logits, a.logits, atol=1e-6, rtol=0)
     torch.testing.assert_close(roomy.keys[:, :, n - 3 : n], c.keys, atol=1e-6, rtol=0)
+
+
+def test_uncommitted_forward_leaves_no_scratch_behind(lm: LoadedModel) -> None:
+    ids = _ids(lm)
+    w = WindowCache(lm.model, len(ids) + 8)
+    forward(lm.model, ids[:-3], w, None, ReadConfig(), logits_from=None)
+    forward(lm.model, ids[-3:], w, None, ReadConfig(), commit=False, logits_from=0)
+    for buf in (w.keys, w.values, w.keys_rot):
+        assert not buf[:, :, w.length :].any()

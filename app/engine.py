@@ -177,6 +177,16 @@ class ReadReport:
 
 
 @dataclass(frozen=True)
+class ImportReport:
+    """What a history import stored, and the session's figures right after it."""
+
+    message_ids: list[int]
+    turn: int
+    memory_entries: int
+    memory_tokens: int
+
+
+@dataclass(frozen=True)
 class TurnStats:
     """Figures of one turn, for usage reports and benchmarks."""
 
@@ -787,13 +797,24 @@ class Engine:
         time, at most a quarter of the window per pass, so each still sees older context in the
         window), and what overflows the window goes to memory as in a live chat. One transaction
         for the whole import. Returns the new messages' ids."""
+        return self.import_history(session_id, messages).message_ids
+
+    def import_history(self, session_id: str, messages: Sequence[dict[str, str]]) -> ImportReport:
+        """`import_messages`, with the session's turn and memory size after it, read under the
+        same lease (asking again after the commit could find the session busy: a committed import
+        must not be reported as refused)."""
         _check_roles(messages)
         with self._lease(session_id):
             st = self.state(session_id)
             with self._turn_guard(st):
                 seqs = self._import_into(st, messages)
                 self._commit(st)
-                return seqs
+                return ImportReport(
+                    message_ids=seqs,
+                    turn=st.turn,
+                    memory_entries=st.memory.entry_count(),
+                    memory_tokens=st.memory.token_count(),
+                )
 
     def _import_into(self, st: SessionState, messages: Sequence[dict[str, str]]) -> list[int]:
         seqs: list[int] = []

@@ -152,11 +152,13 @@ def import_messages(
         )
     for i, m in enumerate(body.messages):
         check_size(m.content, settings.max_message_chars, f"messages.{i}.content")
-    ids = engine.import_messages(session_id, [m.model_dump() for m in body.messages])
+    done = engine.import_history(session_id, [m.model_dump() for m in body.messages])
     metrics.turns.labels(kind="import").inc()
-    st = engine.memory_overview(session_id, limit=0)
     return schemas.ImportResponse(
-        message_ids=ids, turn=st.turn, memory_entries=st.entries, memory_tokens=st.tokens
+        message_ids=done.message_ids,
+        turn=done.turn,
+        memory_entries=done.memory_entries,
+        memory_tokens=done.memory_tokens,
     )
 
 

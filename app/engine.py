@@ -471,7 +471,7 @@ class Engine:
                 raise WindowTooSmall(
                     f"the text takes {len(ids)} tokens; the window holds {st.window_size}"
                 )
-            mass: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]] = {}
+            read: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
             if st.memory_enabled:
                 out = forward(
                     self.model,
@@ -484,8 +484,8 @@ class Engine:
                 )
                 for layer, lm in enumerate(out.memory_mass or []):
                     for head in range(len(lm.ids)):
-                        mass.setdefault((layer, head), []).append((lm.ids[head], lm.mass[head]))
-            return self._report(st, mass, len(ids))
+                        read[(layer, head)] = (lm.ids[head].ravel(), lm.mass[head].ravel())
+            return self._report(st, read, len(ids))
 
     def last_read(self, session_id: str) -> ReadReport | None:
         """What the memory read attended to in the session's last turn (None after a reload)."""
@@ -989,10 +989,12 @@ class Engine:
 
     def _end_turn(self, st: SessionState, queries: int = 0) -> None:
         """Reinforce what was read, note which messages it came from, evict under the budget."""
-        st.last_read = self._report(st, st.mass, queries)
-        for (layer, head), parts in st.mass.items():
-            ids = np.concatenate([p[0] for p in parts])
-            mass = np.concatenate([p[1] for p in parts])
+        read = {
+            key: (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+            for key, parts in st.mass.items()
+        }
+        st.last_read = self._report(st, read, queries)
+        for (layer, head), (ids, mass) in read.items():
             # entries may have been evicted since they were read; reinforce only live ones
             st.memory.reinforce(layer, head, ids, mass)
         st.mass.clear()
@@ -1001,26 +1003,44 @@ class Engine:
     def _report(
         self,
         st: SessionState,
-        mass: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]],
+        read: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]],
         queries: int,
     ) -> ReadReport:
-        """Attribute the mass memory entries received to their messages and tokens."""
+        """Attribute the mass memory entries received (ids and mass per (layer, head)) to their
+        messages and tokens."""
         heads = int(self.model.config.num_attention_heads)
         report = ReadReport({}, {}, {}, queries, heads, self.n_layers)
-        for (layer, head), parts in mass.items():
-            ids = np.concatenate([p[0] for p in parts])
-            got = np.concatenate([p[1] for p in parts])
+        cols: list[list[np.ndarray]] = [[], [], [], [], []]  # message, position, token, band, mass
+        for (layer, head), (ids, got) in read.items():
             uniq, inv = np.unique(ids, return_inverse=True)
             summed = np.bincount(inv, weights=got)
             msg, tok, pos = st.memory.entry_info(layer, head, uniq)
-            band = min(len(BANDS) - 1, layer * len(BANDS) // self.n_layers)
-            rows = zip(msg.tolist(), tok.tolist(), pos.tolist(), summed.tolist(), strict=True)
-            for m, t, p, w in rows:
-                if m < 0:
-                    continue
-                report.messages.setdefault(m, np.zeros(len(BANDS)))[band] += w
-                report.tokens.setdefault((m, p), np.zeros(len(BANDS)))[band] += w
-                report.token_ids[(m, p)] = t
+            live = msg >= 0
+            layer_band = min(len(BANDS) - 1, layer * len(BANDS) // self.n_layers)
+            for col, part in zip(
+                cols,
+                (msg, pos.astype(np.int64), tok, np.full(len(msg), layer_band), summed),
+                strict=True,
+            ):
+                col.append(part[live])
+        if not cols[0] or sum(len(c) for c in cols[0]) == 0:
+            return report
+        msg, pos, tok, band, w = (np.concatenate(c) for c in cols)
+        # one row per (message, position) and band, summed: a few thousand rows at most, however
+        # many (layer, head) slots and reads there were
+        tkeys, tinv = np.unique(np.stack([msg, pos], axis=1), axis=0, return_inverse=True)
+        tinv = tinv.ravel()
+        per_token = np.zeros((len(tkeys), len(BANDS)))
+        np.add.at(per_token, (tinv, band), w)
+        tok_of = np.empty(len(tkeys), dtype=np.int64)
+        tok_of[tinv] = tok
+        mkeys, minv = np.unique(tkeys[:, 0], return_inverse=True)
+        per_message = np.zeros((len(mkeys), len(BANDS)))
+        np.add.at(per_message, minv.ravel(), per_token)
+        report.messages.update(zip(mkeys.tolist(), per_message, strict=True))
+        pairs = list(zip(tkeys[:, 0].tolist(), tkeys[:, 1].tolist(), strict=True))
+        report.tokens.update(zip(pairs, per_token, strict=True))
+        report.token_ids.update(zip(pairs, tok_of.tolist(), strict=True))
         return report
 
     class _Guard:

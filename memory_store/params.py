@@ -24,8 +24,10 @@ class MemoryParams:
         65536  # max entries per (layer, KV head) and for the kNN store; weakest evicted first
     )
     reinforce: float = 0.0  # s0 <- min(1, s_now + reinforce * attention_mass), refreshed <- turn
-    exact_max: int = 20000  # exact IndexFlatIP / IndexFlatL2 up to this many entries, HNSW above
+    exact_max: int = 20000  # exact IndexFlatIP / IndexFlatL2 up to this many entries
+    approx_index: str = "ivf"  # above exact_max: "ivf" (IndexIVFFlat) or "hnsw" (IndexHNSWFlat)
     knn_k: int = 16  # neighbours of the output-level (kNN-LM) read
+    ivf_nprobe: int = 32  # IVF lists scanned per query (of about sqrt(entries) lists)
     # HNSW settings, used only above exact_max; efSearch is raised to k when k is larger.
     hnsw_m: int = 32  # graph degree: recall vs RAM (about 2 * m * 4 bytes per entry)
     hnsw_ef_construction: int = 64  # build-time beam width
@@ -41,6 +43,8 @@ class MemoryParams:
             "capacity": self.capacity >= 1,
             "reinforce": self.reinforce >= 0.0,
             "exact_max": self.exact_max >= 1,
+            "approx_index": self.approx_index in ("ivf", "hnsw"),
+            "ivf_nprobe": self.ivf_nprobe >= 1,
             "knn_k": self.knn_k >= 1,
             "hnsw_m": self.hnsw_m >= 2,
             "hnsw_ef_construction": self.hnsw_ef_construction >= 1,

@@ -24,8 +24,8 @@ Load replays this: for each entry the chunk record of the highest seq gives the 
 in a chunk at or before the snapshot is live only if the snapshot lists its entry; drop records
 after the snapshot remove entries; the newest of (chunk record, snapshot, log) gives the state.
 Entries are sorted by id, which is the order they had in memory, so the rebuilt exact indexes
-answer bit-for-bit the same (HNSW graphs are rebuilt, so approximate reads agree only up to their
-recall).
+answer bit-for-bit the same (IVF lists and HNSW graphs are rebuilt, so approximate reads agree
+only up to their recall).
 
 Transactions: `save_memory` flushes and never commits. It first moves ChatSession.memory_seq from
 the memory's last save to the next with a conditional UPDATE; if the database does not hold the

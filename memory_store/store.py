@@ -3,8 +3,8 @@
 One *slot* per (layer, KV head) holds entries (pre-RoPE key, value, token/message ids, strength) and
 serves the attention read (top-k by inner product): up to ``exact_max`` entries by an exact scan of
 the slot's key column (one matmul per head, one top-k for all heads of the layer), above it by the
-slot's FAISS HNSW index. Beside the slots, a kNN-LM store holds one entry per remembered token
-(final hidden state -> next token) for the output read.
+slot's approximate FAISS index (IVF by default, see `VectorIndex`). Beside the slots, a kNN-LM
+store holds one entry per remembered token (final hidden state -> next token) for the output read.
 
 Entries live in parallel numpy columns (`ColumnTable`) in insertion order = ascending entry id, so
 a search label is a row and ``searchsorted`` maps ids to rows. Entry ids are ``write base + token
@@ -321,6 +321,8 @@ class KeySlot(EntryStore):
             params.hnsw_m,
             params.hnsw_ef_construction,
             params.hnsw_ef_search,
+            approx=params.approx_index,  # type: ignore[arg-type]  # checked by MemoryParams
+            nprobe=params.ivf_nprobe,
         )
         super().__init__(schema, index)
         self.head_dim = head_dim
@@ -487,6 +489,8 @@ class KnnStore(EntryStore):
             params.hnsw_ef_construction,
             params.hnsw_ef_search,
             fp16=True,  # the hidden states are float16: exact, and the read scans half the bytes
+            approx=params.approx_index,  # type: ignore[arg-type]
+            nprobe=params.ivf_nprobe,
         )
         super().__init__(schema, index)
         self.params = params
@@ -611,8 +615,9 @@ class SessionMemory:
         """Top-k memory entries of every KV head of `layer` for queries float32 [H, Q, D].
 
         Slots of up to ``exact_max`` entries are searched exactly, all heads together (see
-        `_search_exact`); larger ones by their FAISS HNSW index. Returns ids/scores/log_strength
-        [H, Q, k] and values [H, Q, k, D], and keys [H, Q, k, D] unless `with_keys` is False
+        `_search_exact`); larger ones by their approximate FAISS index (IVF or HNSW). Returns
+        ids/scores/log_strength [H, Q, k] and values [H, Q, k, D], and keys [H, Q, k, D] unless
+        `with_keys` is False
         (then ``keys`` is None; the attention read does not use them).
         """
         k = self.params.top_k if k is None else int(k)

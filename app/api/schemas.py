@@ -91,7 +91,7 @@ class SessionOut(BaseModel):
     turn: int
     messages: int
     memory_enabled: bool
-    memory: dict[str, float | int]
+    memory: dict[str, float | int | str]
     model: str
     created_at: datetime
     updated_at: datetime

@@ -132,3 +132,49 @@ def test_chat_streams_and_persists_the_turn(engine_factory, sqlite_db: str) -> N
         ).all()
     assert [r.role for r in rows][-2:] == ["user", "assistant"]
     assert rows[-1].content == "".join(pieces)
+
+
+def test_read_report_sums_mass_per_message_token_and_band() -> None:
+    """`Engine._report` (vectorised) equals a plain per-entry sum: mass per (message, position)
+    and per message, in the layer band of each slot; entries no longer in memory are skipped."""
+    from types import SimpleNamespace
+
+    from app.engine import BANDS
+    from memory_store import SessionMemory
+
+    rng = np.random.default_rng(0)
+    L, H, D = 6, 2, 8
+    mem = SessionMemory(L, H, D, 16)
+    for seq in range(4):
+        T = 5
+        mem.write(
+            rng.standard_normal((L, H, T, D)).astype(np.float32),
+            rng.standard_normal((L, H, T, D)).astype(np.float32),
+            rng.integers(0, 100, T),
+            np.full(T, seq),
+            np.arange(T),
+        )
+    read = {}
+    for layer in range(L):
+        for head in range(H):
+            ids = rng.integers(0, 24, 30)  # ids 20..23 were never written: skipped
+            read[(layer, head)] = (ids, rng.random(30))
+    fake = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(num_attention_heads=6)))
+    fake.n_layers = L
+    report = Engine._report(fake, SimpleNamespace(memory=mem), read, 7)  # type: ignore[arg-type]
+
+    tokens: dict[tuple[int, int], np.ndarray] = {}
+    for (layer, head), (ids, w) in read.items():
+        band = min(len(BANDS) - 1, layer * len(BANDS) // L)
+        msg, tok, pos = mem.entry_info(layer, head, ids)
+        for m, t, p, x in zip(msg, tok, pos, w, strict=True):
+            if m >= 0:
+                tokens.setdefault((int(m), int(p)), np.zeros(len(BANDS)))[band] += x
+                assert report.token_ids[(int(m), int(p))] == t
+    assert set(report.tokens) == set(tokens)
+    for key, want in tokens.items():
+        np.testing.assert_allclose(report.tokens[key], want)
+    for seq in range(4):
+        want = sum((v for (m, _), v in tokens.items() if m == seq), np.zeros(len(BANDS)))
+        np.testing.assert_allclose(report.messages[seq], want)
+    assert report.queries == 7 and report.layers == L and report.heads == 6

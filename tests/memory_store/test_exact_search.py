@@ -142,12 +142,15 @@ def test_exact_read_blocks_and_chunks(rng, monkeypatch) -> None:
     _check_exact(mem, rng, 16)
 
 
-def test_mixed_layer_exact_and_hnsw(rng) -> None:
-    """Heads above exact_max go through HNSW, the others through the exact path, in one call."""
-    mem = SessionMemory(L, H, D, DM, MemoryParams(merge_threshold=0.9, exact_max=60, hnsw_m=16))
+@pytest.mark.parametrize("approx", ["ivf", "hnsw"])
+def test_mixed_layer_exact_and_approximate(rng, approx) -> None:
+    """Heads above exact_max go through the approximate index, the others through the exact
+    path, in one call."""
+    params = MemoryParams(merge_threshold=0.9, exact_max=60, hnsw_m=16, approx_index=approx)
+    mem = SessionMemory(L, H, D, DM, params)
     _fill(mem, rng, 4, 50)
     kinds = [s.index.kind for s in mem.slots[0]]
-    assert kinds == ["hnsw", "hnsw", "flat"]
+    assert kinds == [approx, approx, "flat"]
     _check_exact(mem, rng, 8)
     q = rng.standard_normal((H, 20, D)).astype(np.float32)
     r = mem.search(0, q, 8, with_keys=False)

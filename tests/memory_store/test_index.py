@@ -12,9 +12,26 @@ from memory_store.index import VectorIndex
 class Table:
     """The table a VectorIndex mirrors: a growing float32 matrix."""
 
-    def __init__(self, dim: int, metric: str, exact_max: int, fp16: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        metric: str,
+        exact_max: int,
+        fp16: bool = False,
+        approx: str = "hnsw",
+        nprobe: int = 32,
+    ):
         self.x = np.zeros((0, dim), dtype=np.float32)
-        self.index = VectorIndex(dim, metric, exact_max, lambda: self.x, hnsw_m=16, fp16=fp16)  # type: ignore[arg-type]
+        self.index = VectorIndex(
+            dim,
+            metric,  # type: ignore[arg-type]
+            exact_max,
+            lambda: self.x,
+            hnsw_m=16,
+            fp16=fp16,
+            approx=approx,  # type: ignore[arg-type]
+            nprobe=nprobe,
+        )
 
     def append(self, v: np.ndarray) -> None:
         self.x = np.concatenate([self.x, v])
@@ -94,6 +111,7 @@ def test_missing_neighbours_are_minus_one():
 
 @pytest.mark.parametrize("metric", ["ip", "l2"])
 def test_hnsw_recall_with_tombstones(metric):
+    """HNSW (the other approximate kind): updates and removals leave tombstones."""
     rng = np.random.default_rng(1)
     dim = 16
     t = Table(dim, metric, exact_max=60)
@@ -119,12 +137,13 @@ def test_hnsw_recall_with_tombstones(metric):
     np.testing.assert_allclose(dist[rows >= 0], want, rtol=1e-4, atol=1e-3)
 
 
-def test_switches_back_to_flat_below_exact_max():
+@pytest.mark.parametrize("approx", ["hnsw", "ivf"])
+def test_switches_back_to_flat_below_exact_max(approx):
     rng = np.random.default_rng(2)
-    t = Table(8, "ip", exact_max=50)
+    t = Table(8, "ip", exact_max=50, approx=approx)
     t.append(rng.standard_normal((80, 8)).astype(np.float32))
     t.index.search(np.ones((1, 8), np.float32), 4)
-    assert t.index.kind == "hnsw"
+    assert t.index.kind == approx
     keep = np.zeros(80, dtype=bool)
     keep[:40] = True
     t.remove(keep)
@@ -132,3 +151,44 @@ def test_switches_back_to_flat_below_exact_max():
     _, rows = t.index.search(q, 5)
     assert t.index.kind == "flat"
     np.testing.assert_array_equal(rows, topk_ip(q, t.x, 5)[0])
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_ivf_scanning_every_list_is_exact_through_churn(metric):
+    """With nprobe >= lists the IVF answers equal brute force: labels map back to the right rows
+    through appends, updates (re-added under new labels), removals and retraining."""
+    rng = np.random.default_rng(4)
+    dim = 16
+    t = Table(dim, metric, exact_max=60, approx="ivf", nprobe=10_000)
+    oracle = topk_ip if metric == "ip" else topk_l2
+    t.append(rng.standard_normal((100, dim)).astype(np.float32))
+    trained = []
+    for _ in range(12):
+        _churn(t, rng, 4, dim)
+        t.append(rng.standard_normal((60, dim)).astype(np.float32))
+        q = rng.standard_normal((30, dim)).astype(np.float32)
+        dist, rows = t.index.search(q, 8)
+        assert t.index.kind == "ivf"
+        trained.append(t.index._trained_n)
+        true_rows, true_dist = oracle(q, t.x, 8)
+        np.testing.assert_allclose(dist, true_dist, rtol=1e-4, atol=1e-3)
+        assert recall(rows, true_rows) == 1.0
+    assert len(set(trained)) > 1  # the lists were trained again as the table grew
+
+
+def test_ivf_recall_on_clustered_keys():
+    """Few lists scanned out of many: most of the true top-k on clustered data (as attention keys
+    are), where HNSW's inner-product search is known to do badly."""
+    rng = np.random.default_rng(5)
+    dim, n = 32, 6000
+    centers = rng.standard_normal((40, dim)).astype(np.float32) * 3
+    x = centers[rng.integers(0, 40, n)] + rng.standard_normal((n, dim)).astype(np.float32)
+    t = Table(dim, "ip", exact_max=1000, approx="ivf", nprobe=16)
+    t.append(x)
+    q = centers[rng.integers(0, 40, 100)] + rng.standard_normal((100, dim)).astype(np.float32)
+    _, rows = t.index.search(q, 16)
+    assert t.index.kind == "ivf"
+    lists = t.index._index.nlist
+    assert lists > 16  # the search is approximate: not every list is scanned
+    assert recall(rows, topk_ip(q, t.x, 16)[0]) >= 0.8
+    assert t.index.nbytes() >= n * dim * 4

@@ -191,8 +191,9 @@ def test_delete_memory(engine, session_id, rng):
         P.delete_memory(db, "nope")
 
 
-def test_hnsw_slots_reload_exact_entries(engine, session_id, rng):
-    params = MemoryParams(merge_threshold=2.0, exact_max=40, hnsw_m=16)
+@pytest.mark.parametrize("approx", ["ivf", "hnsw"])
+def test_approximate_slots_reload_exact_entries(engine, session_id, rng, approx):
+    params = MemoryParams(merge_threshold=2.0, exact_max=40, hnsw_m=16, approx_index=approx)
     mem = SessionMemory(L, H, D, DM, params)
     random_turn(mem, rng, 200, message_id=1)
     save(engine, session_id, mem)
@@ -203,7 +204,7 @@ def test_hnsw_slots_reload_exact_entries(engine, session_id, rng):
                 np.testing.assert_array_equal(a.col(name), b.col(name))
     q = rng.standard_normal((H, 30, D)).astype(np.float32)
     r = again.search(0, q, 5)
-    assert again.slots[0][0].index.kind == "hnsw"
+    assert again.slots[0][0].index.kind == approx
     for h in range(H):
         truth = topk_ip(q[h], again.slots[0][h].col("key"), 5)[0]
         assert recall(r.ids[h], truth) >= 0.9  # ids = rows here: one write, no merges

@@ -69,17 +69,18 @@ def test_missing_neighbours_are_padded():
     assert np.isneginf(r.log_strength[..., 3:]).all() and (r.scores[..., 3:] == 0).all()
 
 
-def test_hnsw_path_recall(rng):
-    mem = make(merge_threshold=NO_MERGE, exact_max=100, hnsw_m=16)
+@pytest.mark.parametrize("approx", ["ivf", "hnsw"])
+def test_approximate_path_recall(rng, approx):
+    mem = make(merge_threshold=NO_MERGE, exact_max=100, hnsw_m=16, approx_index=approx)
     k = rng.standard_normal((L, H, 600, D)).astype(np.float32)
     write(mem, k)
     q = rng.standard_normal((H, 50, D)).astype(np.float32)
     r = mem.search(2, q, 8)
-    assert mem.slots[2][0].index.kind == "hnsw"
+    assert mem.slots[2][0].index.kind == approx
     for h in range(H):
         assert recall(r.ids[h], topk_ip(q[h], round_f16(k[2, h]), 8)[0]) >= 0.9
         np.testing.assert_array_equal(r.keys[h], round_f16(k[2, h])[r.ids[h]])
-    # removals and merges leave tombstones; reads stay right
+    # removals and merges (tombstones in HNSW, dropped from the IVF lists); reads stay right
     mem.forget_message(0)
     write(mem, k[:, :, :300], message_id=1)
     r = mem.search(2, q, 8)

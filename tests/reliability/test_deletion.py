@@ -9,6 +9,7 @@ import weakref
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from fastapi.testclient import TestClient
 
@@ -46,6 +47,19 @@ def _vectors_of(st: SessionState, message_id: int) -> list[np.ndarray]:
     return out
 
 
+def _ivf_labels(index: object) -> np.ndarray:
+    """The labels an IVF index holds, read from its inverted lists."""
+    import faiss
+
+    inv = index.invlists  # type: ignore[attr-defined]
+    out = [
+        faiss.rev_swig_ptr(inv.get_ids(i), inv.list_size(i)).copy()
+        for i in range(inv.nlist)
+        if inv.list_size(i)
+    ]
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
 def _check_gone_from_ram(st: SessionState, vectors: list[np.ndarray], message_id: int) -> None:
     """No store row, spare buffer row or FAISS vector holds the message's vectors; no window
     buffer holds data past its live tokens; the last-read report does not name it."""
@@ -59,7 +73,11 @@ def _check_gone_from_ram(st: SessionState, vectors: list[np.ndarray], message_id
         if index is not None:  # FAISS holds exactly the live entries (no tombstones)
             assert index.ntotal == len(store), (index.ntotal, len(store))
             if len(vecs) and index.ntotal:
-                held = index.reconstruct_n(0, index.ntotal)
+                if hasattr(index, "make_direct_map"):  # IVF: reconstructs through a direct map
+                    index.make_direct_map()
+                    held = np.stack([index.reconstruct(int(i)) for i in _ivf_labels(index)])
+                else:
+                    held = index.reconstruct_n(0, index.ntotal)
                 for v in vecs:
                     assert not np.isclose(held, v.astype(np.float32)).all(axis=1).any()
     cache = st.cache
@@ -84,10 +102,16 @@ def _last_read_ids(client: TestClient, sid: str) -> set[int]:
     return {m["message_id"] for m in out["messages"]} | {t["message_id"] for t in out["tokens"]}
 
 
-def test_forget_a_message_leaves_nothing_of_it(client: TestClient, db_url: str) -> None:
+@pytest.mark.parametrize("approx", ["hnsw", "ivf"])
+def test_forget_a_message_leaves_nothing_of_it(
+    client: TestClient, db_url: str, approx: str
+) -> None:
     engine: Engine = client.app.state.engine  # type: ignore[attr-defined]
-    # exact_max 8: the slots' FAISS indexes are HNSW graphs, where removal leaves tombstones
-    params = MemoryParams.from_dict(engine.params.to_dict() | {"exact_max": 8})
+    # exact_max 8: the slots' FAISS indexes are approximate (HNSW graphs, where removal leaves
+    # tombstones, or IVF lists)
+    params = MemoryParams.from_dict(
+        engine.params.to_dict() | {"exact_max": 8, "approx_index": approx}
+    )
     sid = engine.create_session(options=SessionOptions(window=96, params=params))
     keep = client.post("/v1/sessions", json={"window": 96}).json()["id"]
     for s in (sid, keep):
@@ -96,7 +120,7 @@ def test_forget_a_message_leaves_nothing_of_it(client: TestClient, db_url: str) 
     st = engine.state(sid)
     assert FACT_ID in st.memory.message_stats(), "the fact should be in memory"
     assert FACT_ID in _last_read_ids(client, sid), "the turn should have read the fact"
-    assert any(s.index.kind == "hnsw" for s in st.memory.stores())
+    assert any(s.index.kind == approx for s in st.memory.stores())
     vectors = _vectors_of(st, FACT_ID)
     assert sum(len(v) for v in vectors) > 0
     assert FACT_ID in stored_message_ids(db_url, sid)["memory_chunks"]

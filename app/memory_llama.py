@@ -101,9 +101,14 @@ class WindowCache:
 
     def rotate(self, keys: torch.Tensor, start: int) -> torch.Tensor:
         """RoPE-rotate ``keys`` (L, H, T, D) as if they sat at positions start..start+T-1."""
+        out = torch.empty_like(keys)
+        self.rotate_into(out, keys, start)
+        return out
+
+    def rotate_into(self, out: torch.Tensor, keys: torch.Tensor, start: int) -> None:
+        """``out`` <- `rotate` (keys, start); ``out`` must not overlap ``keys``."""
         cos, sin = rope_tables(self.model, start, keys.shape[2], keys.dtype)
-        _, rotated = apply_rotary_pos_emb(keys, keys, cos, sin, unsqueeze_dim=0)
-        return rotated
+        rope_into(out, keys, cos, sin)
 
     def append(
         self, keys: torch.Tensor, values: torch.Tensor, keys_rot: torch.Tensor | None = None
@@ -136,8 +141,10 @@ class WindowCache:
             for buf in (self.keys, self.values):
                 part = buf[:, :, self.length : end]
                 part.copy_(part.half())
-            self.keys_rot[:, :, self.length : end] = self.rotate(
-                self.keys[:, :, self.length : end], self.length
+            self.rotate_into(
+                self.keys_rot[:, :, self.length : end],
+                self.keys[:, :, self.length : end],
+                self.length,
             )
         self.length = end
 
@@ -150,14 +157,29 @@ class WindowCache:
         self.keys[:, :, start : start + rest] = self.keys[:, :, end : self.length].clone()
         self.values[:, :, start : start + rest] = self.values[:, :, end : self.length].clone()
         self.length -= n
-        if rest:
-            self.keys_rot[:, :, start : self.length] = self.rotate(
-                self.keys[:, :, start : self.length], start
+        if rest:  # every later token moves n positions back: rotated again from its raw key
+            self.rotate_into(
+                self.keys_rot[:, :, start : self.length],
+                self.keys[:, :, start : self.length],
+                start,
             )
 
     def clear(self) -> None:
         """Forget every token (buffers are kept)."""
         self.length = 0
+
+
+def rope_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """``out`` <- RoPE of ``x`` (..., T, D) with ``cos``/``sin`` (T, D): transformers'
+    ``x * cos + rotate_half(x) * sin``, the same float operations (so the same bits), written
+    half by half into ``out`` instead of through four full-size temporaries."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    o1, o2 = out[..., :half], out[..., half:]
+    torch.mul(x1, cos[:, :half], out=o1)
+    o1.sub_(x2 * sin[:, :half])  # x1 cos + (-x2) sin: negation is exact
+    torch.mul(x2, cos[:, half:], out=o2)
+    o2.add_(x1 * sin[:, half:])
 
 
 def rope_tables(

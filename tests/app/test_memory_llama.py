@@ -187,3 +187,19 @@ def test_uncommitted_forward_leaves_no_scratch_behind(lm: LoadedModel) -> None:
     forward(lm.model, ids[-3:], w, None, ReadConfig(), commit=False, logits_from=0)
     for buf in (w.keys, w.values, w.keys_rot):
         assert not buf[:, :, w.length :].any()
+
+
+def test_rope_into_equals_transformers_rotation_bit_for_bit() -> None:
+    """The window re-rotates keys with `rope_into`; the forward rotates new keys with transformers'
+    apply_rotary_pos_emb: both must give the same bits, or a re-positioned window would drift."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from app.memory_llama import rope_into
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 50, 64, generator=g)
+    cos, sin = torch.randn(50, 64, generator=g), torch.randn(50, 64, generator=g)
+    _, want = apply_rotary_pos_emb(x, x, cos, sin, unsqueeze_dim=0)
+    out = torch.full_like(x, float("nan"))
+    rope_into(out, x, cos, sin)
+    assert torch.equal(out, want)

@@ -225,7 +225,7 @@ class VectorIndex:
         if self._index is None:
             return 0
         if self._ivf:  # vector, id, and the centroids
-            per_vector = 4 * self.dim + 8
+            per_vector = (2 if self.fp16 else 4) * self.dim + 8
             extra = int(self._quantizer.ntotal) * 4 * self.dim if self._quantizer else 0
             return (
                 int(self._index.ntotal) * per_vector
@@ -259,9 +259,14 @@ class VectorIndex:
         if self._approx and self.approx == "ivf":
             nlist = ivf_lists(self.n)
             self._quantizer = faiss.IndexFlat(self.dim, _FAISS_METRIC[self.metric])
-            ivf: Any = faiss.IndexIVFFlat(
-                self._quantizer, self.dim, nlist, _FAISS_METRIC[self.metric]
-            )
+            metric = _FAISS_METRIC[self.metric]
+            if self.fp16:  # lists hold float16 codes, as the flat kind does
+                ivf: Any = faiss.IndexIVFScalarQuantizer(
+                    self._quantizer, self.dim, nlist, faiss.ScalarQuantizer.QT_fp16, metric
+                )
+                ivf.by_residual = False  # the vectors' own float16 bits, not their residuals
+            else:
+                ivf = faiss.IndexIVFFlat(self._quantizer, self.dim, nlist, metric)
             ivf.cp.niter = _IVF_NITER
             ivf.cp.max_points_per_centroid = _IVF_POINTS_PER_LIST
             ivf.cp.min_points_per_centroid = 1  # no warning for small tables

@@ -153,19 +153,29 @@ def test_switches_back_to_flat_below_exact_max(approx):
     np.testing.assert_array_equal(rows, topk_ip(q, t.x, 5)[0])
 
 
+@pytest.mark.parametrize("fp16", [False, True])
 @pytest.mark.parametrize("metric", ["ip", "l2"])
-def test_ivf_scanning_every_list_is_exact_through_churn(metric):
+def test_ivf_scanning_every_list_is_exact_through_churn(metric, fp16):
     """With nprobe >= lists the IVF answers equal brute force: labels map back to the right rows
     through appends, updates (re-added under new labels), removals and retraining."""
     rng = np.random.default_rng(4)
     dim = 16
-    t = Table(dim, metric, exact_max=60, approx="ivf", nprobe=10_000)
+    t = Table(dim, metric, exact_max=60, approx="ivf", nprobe=10_000, fp16=fp16)
     oracle = topk_ip if metric == "ip" else topk_l2
-    t.append(rng.standard_normal((100, dim)).astype(np.float32))
+
+    def vectors(n: int) -> np.ndarray:  # float16-exact when the index keeps float16 codes
+        x = rng.standard_normal((n, dim)).astype(np.float32)
+        return x.astype(np.float16).astype(np.float32) if fp16 else x
+
+    t.append(vectors(100))
     trained = []
     for _ in range(12):
-        _churn(t, rng, 4, dim)
-        t.append(rng.standard_normal((60, dim)).astype(np.float32))
+        for _ in range(4):  # as _churn, with float16-exact vectors
+            t.append(vectors(int(rng.integers(1, 40))))
+            rows = rng.choice(len(t.x), 3, replace=False)
+            t.update(rows, vectors(3))
+            t.remove(rng.random(len(t.x)) > 0.1)
+        t.append(vectors(60))
         q = rng.standard_normal((30, dim)).astype(np.float32)
         dist, rows = t.index.search(q, 8)
         assert t.index.kind == "ivf"

@@ -512,7 +512,7 @@ class Engine:
                 )
             with self._turn_guard(st):
                 if entry is not None:
-                    self._drop_from_window(st, entry)
+                    self._drop_from_window(st, [entry])
                 sizes = [len(s) for s in st.memory.stores()]
                 removed = st.memory.forget_message(message_id)
                 st.forgotten.append(message_id)
@@ -526,9 +526,9 @@ class Engine:
         with self._lease(session_id):
             st = self.state(session_id)
             with self._turn_guard(st):
-                for entry in [e for e in st.entries if not e.pinned]:
-                    self._drop_from_window(st, entry)
-                    st.forgotten.append(entry.seq)
+                dropped = [e for e in st.entries if not e.pinned]
+                self._drop_from_window(st, dropped)
+                st.forgotten.extend(e.seq for e in dropped)
                 sizes = [len(s) for s in st.memory.stores()]
                 removed = st.memory.forget_all()
                 _scrub(st, sizes, None)
@@ -691,51 +691,93 @@ class Engine:
     def _make_room(self, st: SessionState, n: int) -> None:
         """Move the oldest unpinned messages to memory until ``n`` more tokens fit (a reply being
         generated is not a message yet, so it is never the one moved)."""
-        while st.cache.length + n > st.window_size:
-            victim = next((e for e in st.entries if not e.pinned), None)
-            if victim is None:
-                raise WindowTooSmall(
-                    f"{n} tokens do not fit in a window of {st.window_size} tokens "
-                    f"({st.cache.length} pinned); shorten the message or enlarge the window"
-                )
-            self._evict(st, victim)
+        need = st.cache.length + n - st.window_size
+        if need <= 0:
+            return
+        victims = []
+        for entry in st.entries:
+            if need <= 0:
+                break
+            if not entry.pinned:
+                victims.append(entry)
+                need -= len(entry.token_ids)
+        if need > 0:
+            raise WindowTooSmall(
+                f"{n} tokens do not fit in a window of {st.window_size} tokens "
+                f"({st.cache.length} pinned); shorten the message or enlarge the window"
+            )
+        self._evict(st, victims)
 
-    def _evict(self, st: SessionState, entry: WindowEntry) -> None:
-        start, end = entry.start, entry.end
+    def _evict(self, st: SessionState, entries: list[WindowEntry]) -> None:
+        """Write the content tokens of ``entries`` (window order) to memory, all in one write
+        (the per-slot cost of a write is mostly fixed), then take them out of the window."""
         if st.memory_enabled:
             t0 = time.perf_counter()
-            mask = entry.content_mask
-            if mask.any():
-                keys = st.cache.keys[:, :, start:end][:, :, mask].float().numpy()  # (L, H, t, D)
-                values = st.cache.values[:, :, start:end][:, :, mask].float().numpy()
-                positions = np.nonzero(mask)[0].astype(np.int32)
-                token_ids = entry.token_ids[mask]
-                seqs = np.full(len(token_ids), entry.seq, dtype=np.int64)
-                st.memory.write(keys, values, token_ids, seqs, positions)
+            slot_parts: list[tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]] = []
+            knn_parts: list[tuple[np.ndarray, ...]] = []
+            for entry in entries:
+                mask = entry.content_mask
+                if not mask.any():
+                    continue
+                start, end = entry.start, entry.end
+                where = torch.from_numpy(mask)
+                slot_parts.append(
+                    (
+                        st.cache.keys[:, :, start:end][:, :, where],  # (L, H, t, D)
+                        st.cache.values[:, :, start:end][:, :, where],
+                        entry.token_ids[mask],
+                        np.full(int(mask.sum()), entry.seq, dtype=np.int64),
+                    )
+                )
                 # output-level read: each token's final state predicts the token after it; a
                 # token followed by a special one (end of message) would teach replies to stop
                 nxt_all = np.append(entry.token_ids[1:], entry.token_ids[-1])
                 kmask = mask & ~np.isin(nxt_all, list(self.fmt.special_ids))
                 if kmask.any() and entry.role in self.knn_roles:
-                    hidden = entry.hidden[torch.from_numpy(kmask)].float().numpy()
-                    st.memory.write_knn(
-                        hidden,
-                        nxt_all[kmask],
-                        entry.token_ids[kmask],
-                        np.full(int(kmask.sum()), entry.seq, dtype=np.int64),
-                        np.nonzero(kmask)[0].astype(np.int32),
+                    knn_parts.append(
+                        (
+                            entry.hidden[torch.from_numpy(kmask)].float().numpy(),
+                            nxt_all[kmask],
+                            entry.token_ids[kmask],
+                            np.full(int(kmask.sum()), entry.seq, dtype=np.int64),
+                            np.nonzero(kmask)[0].astype(np.int32),
+                        )
                     )
+            if slot_parts:
+                st.memory.write(
+                    torch.cat([p[0] for p in slot_parts], dim=2).float().numpy(),
+                    torch.cat([p[1] for p in slot_parts], dim=2).float().numpy(),
+                    np.concatenate([p[2] for p in slot_parts]),
+                    np.concatenate([p[3] for p in slot_parts]),
+                    np.concatenate(
+                        [np.nonzero(e.content_mask)[0] for e in entries if e.content_mask.any()]
+                    ).astype(np.int32),
+                )
+            if knn_parts:
+                hidden, nxt, tok, seqs, pos = (
+                    np.concatenate(c) for c in zip(*knn_parts, strict=True)
+                )
+                st.memory.write_knn(hidden, nxt, tok, seqs, pos)
             st.memory_write_s += time.perf_counter() - t0
-        self._drop_from_window(st, entry)
-        st.evicted.append(entry.seq)
+        self._drop_from_window(st, entries)
+        st.evicted.extend(e.seq for e in entries)
 
-    def _drop_from_window(self, st: SessionState, entry: WindowEntry) -> None:
-        """Take a message out of the window without remembering it."""
-        st.cache.drop_range(entry.start, entry.end)
-        idx = st.entries.index(entry)
-        st.entries.pop(idx)
-        for e in st.entries[idx:]:
-            e.start -= len(entry.token_ids)
+    def _drop_from_window(self, st: SessionState, entries: list[WindowEntry]) -> None:
+        """Take messages out of the window without remembering them: one re-positioning of the
+        window per run of adjacent messages."""
+        gone = {id(e) for e in entries}
+        runs: list[tuple[int, int]] = []  # (start, end) of adjacent removed messages
+        for e in st.entries:
+            if id(e) in gone:
+                if runs and runs[-1][1] == e.start:
+                    runs[-1] = (runs[-1][0], e.end)
+                else:
+                    runs.append((e.start, e.end))
+        for start, end in reversed(runs):  # later runs first: earlier positions stay valid
+            st.cache.drop_range(start, end)
+        st.entries = [e for e in st.entries if id(e) not in gone]
+        for e in st.entries:
+            e.start -= sum(end - start for start, end in runs if end <= e.start)
 
     def _run(
         self, st: SessionState, ids: np.ndarray, commit: bool = True, logits_from: int | None = -1

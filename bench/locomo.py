@@ -30,8 +30,15 @@ shortest first, so a run cut short leaves whole conversations in its ``--records
 records file gives its tables with ``--summarize-records``. Torch runs on one thread by default:
 on a busy 2-core machine two threads are several times slower than one.
 
+``--jobs N`` runs the conversations in N spawned worker processes instead, each loading the model
+once (``--threads`` torch threads each, its own temporary database) and taking the conversation
+with the most work left (tokens and questions: the longest starts first, so it does not run alone
+at the end). Each record reaches the ``--records`` file as soon as it is done, written by this
+process only; a run cut short leaves conversations partly done there. The result is added up in
+the shortest-first order, so it is what one process gives for the same records.
+
     python -m bench.locomo FILE [--window 512] [--limit N] [--conversations N] [--threads N]
-        [--records FILE.jsonl]
+        [--jobs N] [--records FILE.jsonl]
     python -m bench.locomo FILE.jsonl --summarize-records
 
 Prints one JSON object on stdout (``seconds``: wall clock and CPU time per part and question) and
@@ -41,17 +48,24 @@ the tables (markdown) on stderr.
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import json
 import math
+import multiprocessing as mp
+import queue
 import re
+import signal
 import string
 import sys
 import tempfile
 import time
+import traceback
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
+from multiprocessing.queues import Queue as ProcessQueue
 from pathlib import Path
 from typing import Any
 
@@ -515,9 +529,11 @@ def run_conversation(
     conditions: Sequence[str],
     full_positions: int,
     on_record: Callable[[dict[str, Any]], None] | None = None,
+    bars: bool = True,
 ) -> tuple[list[dict[str, Any]], Progress, dict[int, float]]:
     """Recall and QA records of every question of ``conv`` (each also given to ``on_record`` as
-    soon as it is done); its figures; mass per token id."""
+    soon as it is done); its figures; mass per token id. ``bars``: progress bars on stderr (off
+    in --jobs workers, whose bars would garble each other; the parent shows one)."""
     from tqdm import tqdm
 
     fmt = engine.fmt
@@ -529,7 +545,8 @@ def run_conversation(
     headroom = longest + len(fmt.generation_header()) + MAX_NEW_TOKENS + 8
 
     t0 = clock()
-    mem_sid, seqs = ingest(engine, conv, window, True, desc=f"{conv.sample_id} import")
+    desc = f"{conv.sample_id} import" if bars else ""  # no desc, no bar
+    mem_sid, seqs = ingest(engine, conv, window, True, desc=desc)
     prog.add("import_memory", t0)
     mem_state = engine.state(mem_sid)
     prog.memory_tokens = mem_state.memory.token_count()
@@ -583,7 +600,8 @@ def run_conversation(
         return words[token_id]
 
     records = []
-    for qi, q in enumerate(tqdm(conv.questions, desc=conv.sample_id, file=sys.stderr)):
+    questions = tqdm(conv.questions, desc=conv.sample_id, file=sys.stderr, disable=not bars)
+    for qi, q in enumerate(questions):
         t_question = time.perf_counter()
         before = dict(prog.seconds), dict(prog.cpu_seconds)
         evidence = [index_of[d] for d in q["evidence"]]
@@ -687,6 +705,301 @@ def run_conversation(
             on_record(rec)
     engine.delete_session(mem_sid)
     return records, prog, token_mass
+
+
+# ----- running the conversations: in this process, or in --jobs worker processes ----------------
+CHARS_PER_TOKEN = 4.0  # SmolLM2's BPE on LoCoMo's turns: 3.9-4.3 characters a token
+# A question (explain, three short answers, one of them over the 8k context) costs about as much
+# as importing this many tokens of the conversation (at 2.7k tokens: ~5 s a question, ~15 ms a
+# token through the three imports): a rough figure that orders the --jobs queue.
+QUESTION_TOKENS = 300
+
+
+def conversation_chars(conv: Conversation) -> int:
+    """The characters of all of ``conv``'s messages."""
+    return sum(len(m["content"]) for m in conv.messages)
+
+
+def estimated_work(conv: Conversation) -> float:
+    """A conversation's cost in imported tokens: its tokens (estimated from its characters) and a
+    fixed term per question. The --jobs queue runs the most work first, so that the longest
+    conversation does not start last and run alone."""
+    return conversation_chars(conv) / CHARS_PER_TOKEN + QUESTION_TOKENS * len(conv.questions)
+
+
+@dataclass
+class RunSetup:
+    """How the conversations run (plain values: a --jobs worker gets them pickled)."""
+
+    window: int
+    conditions: list[str]
+    decay: float  # memory decay per turn
+    threads: int  # torch threads per process (0: torch's default)
+    weights: str  # the settings' weight format; a core without weight formats loads fp32
+
+
+@dataclass
+class Bench:
+    """What one process loads once and runs every conversation with."""
+
+    lm: Any
+    engine: Any  # over a temporary SQLite database
+    minilm: MiniLM
+    setup: dict[str, Any]  # as run: weights, threads, full_positions, memory_params, read
+
+
+@dataclass
+class Finished:
+    """One conversation's outcome."""
+
+    records: list[dict[str, Any]]
+    progress: Progress
+    token_mass: dict[int, float]  # the memory read's mass per token id
+    token_text: dict[int, str]  # those tokens' text (a --jobs parent has no tokenizer)
+
+
+@dataclass
+class Outcome:
+    """What running the conversations gives `main`."""
+
+    finished: list[Finished]  # in the order of the conversations given
+    setup: dict[str, Any]  # Bench.setup
+    worker_cpu_seconds: float = 0.0  # the --jobs workers' CPU time (0: ran in this process)
+
+
+class WorkerError(RuntimeError):
+    """A --jobs worker failed: its traceback, or how it died."""
+
+
+@contextmanager
+def open_bench(setup: RunSetup) -> Iterator[Bench]:
+    """The model, MiniLM and an engine over a fresh temporary SQLite database (removed after)."""
+    import torch
+
+    from app.config import Settings
+    from app.db import make_sessionmaker
+    from app.engine import Engine
+    from app.memory_llama import ReadConfig
+    from app.model import load_model
+    from memory_store import MemoryParams
+
+    if setup.threads:
+        torch.set_num_threads(setup.threads)
+    settings = Settings()
+    weights = setup.weights
+    if "weights" in inspect.signature(load_model).parameters:
+        options: dict[str, Any] = {"weights": weights}
+        lm = load_model(settings.model_path, settings.cache_dir, **options)
+    else:  # a core without the weight formats: fp32
+        weights = "fp32"
+        lm = load_model(settings.model_path, settings.cache_dir)
+    minilm = MiniLM()
+    params = replace(MemoryParams(), decay=setup.decay)
+    read = ReadConfig()
+    full_positions = int(getattr(lm.model.config, "max_position_embeddings", 8192))
+    with tempfile.TemporaryDirectory() as tmp:
+        db = make_sessionmaker(f"sqlite:///{tmp}/bench.db")
+        engine = Engine(
+            lm, db, window=setup.window, params=params, read=read, max_new_tokens=MAX_NEW_TOKENS
+        )
+        yield Bench(
+            lm,
+            engine,
+            minilm,
+            {
+                "full_positions": full_positions,
+                "weights": weights,
+                "threads": torch.get_num_threads(),
+                "memory_params": params.to_dict(),
+                "read": asdict(read),
+            },
+        )
+
+
+def run_one(
+    bench: Bench,
+    conv: Conversation,
+    setup: RunSetup,
+    on_record: Callable[[dict[str, Any]], None] | None,
+    bars: bool = True,
+) -> Finished:
+    """`run_conversation` with ``bench``'s engine."""
+    recs, prog, tm = run_conversation(
+        bench.engine,
+        conv,
+        setup.window,
+        bench.minilm,
+        setup.conditions,
+        bench.setup["full_positions"],
+        on_record,
+        bars,
+    )
+    tok = bench.lm.tokenizer
+    return Finished(recs, prog, dict(tm), {t: str(tok.decode([t])) for t in tm})
+
+
+def run_in_process(
+    convs: Sequence[Conversation],
+    setup: RunSetup,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+) -> Outcome:
+    """The conversations one after another in this process (--jobs 1)."""
+    with open_bench(setup) as bench:
+        finished = [run_one(bench, conv, setup, on_record) for conv in convs]
+    return Outcome(finished, bench.setup)
+
+
+def _worker(
+    index: int, setup: dict[str, Any], tasks: ProcessQueue[Any], events: ProcessQueue[Any]
+) -> None:
+    """A --jobs worker process: loads the model once, then runs the conversations it takes from
+    ``tasks`` (``(k, Conversation as a dict)``; None: stop). Reports on ``events`` as ``(kind,
+    worker, k, payload)``: ready (Bench.setup), start, record (each question's, once done), done
+    (the conversation's figures), exit (its CPU seconds), or error (a traceback)."""
+
+    def stop(signum: int, frame: Any) -> None:
+        events.cancel_join_thread()  # the parent reads no more: do not wait to flush to it
+        sys.exit(1)  # unwinds: the temporary database (hundreds of MB) is removed
+
+    signal.signal(signal.SIGTERM, stop)  # the parent stops the others when one fails
+    k = -1  # the conversation at hand, for an error report
+    try:
+        run = RunSetup(**setup)
+        with open_bench(run) as bench:
+            events.put(("ready", index, k, bench.setup))
+            while (task := tasks.get()) is not None:
+                k, conv = task[0], Conversation(**task[1])
+                events.put(("start", index, k, None))
+
+                def send(rec: dict[str, Any], k: int = k) -> None:
+                    events.put(("record", index, k, rec))
+
+                fin = run_one(bench, conv, run, send, bars=False)
+                # the records went one by one; the parent keeps them
+                done = {"progress": asdict(fin.progress), "token_mass": fin.token_mass}
+                events.put(("done", index, k, done | {"token_text": fin.token_text}))
+                k = -1
+        events.put(("exit", index, k, time.process_time()))
+    except Exception:
+        events.put(("error", index, k, traceback.format_exc()))
+        sys.exit(1)
+
+
+def run_in_workers(
+    convs: Sequence[Conversation],
+    setup: RunSetup,
+    jobs: int,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+) -> Outcome:
+    """The conversations in ``jobs`` spawned worker processes, each loading the model once and
+    taking the conversation with the most `estimated_work` left. Records reach ``on_record`` as
+    they come, in this process only (one writer: lines never interleave). A failed worker raises
+    WorkerError (the others are stopped)."""
+    from tqdm import tqdm
+
+    # A spawned worker finds its target by module name: import this file as bench.locomo (a test
+    # loads it by path under another name), from the repository root the workers inherit.
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    worker = importlib.import_module("bench.locomo")._worker
+    ctx = mp.get_context("spawn")  # fork would copy this process's threads and their locks
+    tasks: ProcessQueue[Any] = ctx.Queue()
+    events: ProcessQueue[Any] = ctx.Queue()
+    for k in sorted(range(len(convs)), key=lambda k: -estimated_work(convs[k])):
+        tasks.put((k, asdict(convs[k])))  # plain data: the workers' Conversation is bench.locomo's
+    n = max(1, min(jobs, len(convs)))
+    for _ in range(n):
+        tasks.put(None)
+    procs = [
+        ctx.Process(target=worker, args=(w, asdict(setup), tasks, events), daemon=True)
+        for w in range(n)
+    ]
+    records: list[list[dict[str, Any]]] = [[] for _ in convs]
+    finished: dict[int, Finished] = {}
+    setups: list[dict[str, Any]] = []
+    doing: dict[int, int] = {}  # worker -> its conversation
+    cpu, exited = 0.0, 0
+    bar = tqdm(
+        total=sum(len(c.questions) for c in convs),
+        desc=f"{len(convs)} conversations, {n} workers",
+        unit="q",
+        file=sys.stderr,
+    )
+
+    def handle(event: tuple[str, int, int, Any]) -> None:
+        nonlocal cpu, exited
+        kind, w, k, payload = event
+        if kind == "error":
+            where = f"on {convs[k].sample_id}" if k >= 0 else "while loading"
+            raise WorkerError(f"worker {w} failed {where}:\n{payload}")
+        if kind == "ready":
+            setups.append(payload)
+        elif kind == "start":
+            doing[w] = k
+        elif kind == "record":
+            records[k].append(payload)
+            if on_record is not None:
+                on_record(payload)
+            bar.update()
+        elif kind == "done":
+            del doing[w]
+            prog = Progress(**payload["progress"])
+            finished[k] = Finished(records[k], prog, payload["token_mass"], payload["token_text"])
+            done_in = f"{prog.sample_id}: done in {sum(prog.seconds.values()):.0f} s (worker {w})"
+            bar.write(done_in, file=sys.stderr)
+        elif kind == "exit":
+            cpu += payload
+            exited += 1
+        bar.set_postfix_str(
+            " ".join(
+                f"{convs[j].sample_id} {len(records[j])}/{len(convs[j].questions)}"
+                for j in doing.values()
+            )
+        )
+
+    ok = False
+    try:
+        for p in procs:
+            p.start()
+        while exited < n:
+            try:
+                handle(events.get(timeout=1.0))
+            except queue.Empty:
+                _check_workers(procs, events, handle)
+        ok = True
+    finally:
+        bar.close()
+        for p in procs:
+            if not ok:  # the others would run on for up to an hour
+                p.terminate()
+            p.join()
+        if not ok:  # conversations nobody will take: do not wait to flush them at exit
+            tasks.cancel_join_thread()
+    if len(finished) != len(convs) or not setups:
+        raise WorkerError(f"the workers finished {len(finished)} of {len(convs)} conversations")
+    return Outcome([finished[k] for k in range(len(convs))], setups[0], cpu)
+
+
+def _check_workers(
+    procs: Sequence[Any],
+    events: ProcessQueue[Any],
+    handle: Callable[[tuple[str, int, int, Any]], None],
+) -> None:
+    """Raise WorkerError if a worker died: with its error report if it sent one (it may still be
+    on its way), else with its exit code (a worker killed for memory sends nothing)."""
+    for w, p in enumerate(procs):
+        code = p.exitcode
+        if code is None or code == 0:
+            continue
+        deadline = time.monotonic() + 5.0
+        try:
+            while time.monotonic() < deadline:
+                handle(events.get(timeout=1.0))  # an error report raises here
+        except queue.Empty:
+            pass
+        killed = f" (killed by signal {-code})" if code < 0 else ""
+        raise WorkerError(f"worker {w} exited with code {code}{killed} without a report")
 
 
 # ----- summary ----------------------------------------------------------------------------------
@@ -838,6 +1151,13 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="torch threads (default 1: on a busy 2-core machine two threads are far slower)",
     )
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="worker processes, each loading the model once (--threads torch threads each) and "
+        "taking the longest conversation left; default 1: all in this process",
+    )
     ap.add_argument("--details", action="store_true", help="include per-question records")
     ap.add_argument("--records", type=Path, default=None, help="append each record here (JSONL)")
     ap.add_argument(
@@ -850,60 +1170,52 @@ def main(argv: list[str] | None = None) -> int:
     if args.summarize_records:
         return summarize_records(args.file, command)
 
-    import torch
-
     from app.config import Settings
-    from app.db import make_sessionmaker
-    from app.engine import Engine
-    from app.memory_llama import ReadConfig
-    from app.model import load_model
-    from memory_store import MemoryParams
 
     started, cpu_started = clock()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     conditions = [c.strip() for c in args.conditions.split(",") if c.strip()]
     unknown = set(conditions) - set(CONDITIONS)
     if unknown:
         ap.error(f"unknown conditions {sorted(unknown)}; choose from {CONDITIONS}")
-    settings = Settings()
-    weights = str(getattr(settings, "weights", "fp32"))
-    if "weights" in inspect.signature(load_model).parameters:
-        options: dict[str, Any] = {"weights": weights}
-        lm = load_model(settings.model_path, settings.cache_dir, **options)
-    else:  # a core without the weight formats: fp32
-        weights = "fp32"
-        lm = load_model(settings.model_path, settings.cache_dir)
-    minilm = MiniLM()
+    if args.jobs < 1:
+        ap.error("--jobs must be 1 or more")
+    setup = RunSetup(
+        window=args.window,
+        conditions=conditions,
+        decay=args.decay,
+        threads=args.threads,
+        weights=str(getattr(Settings(), "weights", "fp32")),
+    )
     ids = [i.strip() for i in args.ids.split(",") if i.strip()]
     convs = load_conversations(args.file, args.conversations, args.limit, args.max_turns, ids)
-    params = replace(MemoryParams(), decay=args.decay)
-    read = ReadConfig()
-    full_positions = int(getattr(lm.model.config, "max_position_embeddings", 8192))
+    # shortest first (the import's cost grows with the square of the length): a run cut short
+    # then holds whole conversations in its --records file. --jobs N runs them longest first but
+    # adds them up in this order, so the result is the same.
+    convs = sorted(convs, key=conversation_chars)
+
+    def save(rec: dict[str, Any]) -> None:
+        if args.records:
+            with args.records.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    if args.jobs == 1 or not convs:
+        outcome = run_in_process(convs, setup, save)
+    else:
+        try:
+            outcome = run_in_workers(convs, setup, args.jobs, save)
+        except WorkerError as exc:
+            print(f"bench.locomo: {exc}", file=sys.stderr)
+            return 1
     records: list[dict[str, Any]] = []
     progress: list[Progress] = []
     token_mass: defaultdict[int, float] = defaultdict(float)
-    with tempfile.TemporaryDirectory() as tmp:
-        db = make_sessionmaker(f"sqlite:///{tmp}/bench.db")
-        engine = Engine(
-            lm, db, window=args.window, params=params, read=read, max_new_tokens=MAX_NEW_TOKENS
-        )
-
-        def save(rec: dict[str, Any]) -> None:
-            if args.records:
-                with args.records.open("a") as f:
-                    f.write(json.dumps(rec) + "\n")
-
-        # shortest first (the import's cost grows with the square of the length): a run cut short
-        # then holds whole conversations in its --records file
-        for conv in sorted(convs, key=lambda c: sum(len(m["content"]) for m in c.messages)):
-            recs, prog, tm = run_conversation(
-                engine, conv, args.window, minilm, conditions, full_positions, save
-            )
-            records += recs
-            progress.append(prog)
-            for t, m in tm.items():
-                token_mass[t] += m
+    token_text: dict[int, str] = {}
+    for fin in outcome.finished:
+        records += fin.records
+        progress.append(fin.progress)
+        for t, m in fin.token_mass.items():
+            token_mass[t] += m
+        token_text.update(fin.token_text)
     wall = time.perf_counter() - started
     n_q = max(1, len(records))
     per_q: defaultdict[str, float] = defaultdict(float)
@@ -913,17 +1225,17 @@ def main(argv: list[str] | None = None) -> int:
             per_q[k] += v
         for k, v in p.cpu_seconds.items():
             cpu_q[k] += v
-    tok = lm.tokenizer
     mass_total = max(sum(token_mass.values()), 1e-12)
     result: dict[str, Any] = {
         "command": command,
         "file": str(args.file),
         "window": args.window,
-        "full_positions": full_positions,
-        "weights": weights,
-        "threads": torch.get_num_threads(),
-        "memory_params": params.to_dict(),
-        "read": asdict(read),
+        "full_positions": outcome.setup["full_positions"],
+        "weights": outcome.setup["weights"],
+        "threads": outcome.setup["threads"],  # per process
+        "jobs": args.jobs,
+        "memory_params": outcome.setup["memory_params"],
+        "read": outcome.setup["read"],
         "qa_prompt": QA_PROMPT,
         "max_new_tokens": MAX_NEW_TOKENS,
         "conditions": conditions,
@@ -944,11 +1256,12 @@ def main(argv: list[str] | None = None) -> int:
                 sum(v for k, v in per_q.items() if not k.startswith("import")) / n_q, 3
             ),
             "parts_per_question": {k: round(v / n_q, 3) for k, v in sorted(per_q.items())},
-            "cpu": round(time.process_time() - cpu_started, 1),
+            # this process's and the workers' (model loads included)
+            "cpu": round(time.process_time() - cpu_started + outcome.worker_cpu_seconds, 1),
             "cpu_parts_per_question": {k: round(v / n_q, 3) for k, v in sorted(cpu_q.items())},
         },
         "memory_read_top_tokens": [
-            {"token": tok.decode([t]), "mass_share": round(m / mass_total, 4)}
+            {"token": token_text[t], "mass_share": round(m / mass_total, 4)}
             for t, m in sorted(token_mass.items(), key=lambda tm: -tm[1])[:20]
         ],
     }

@@ -365,9 +365,12 @@ class KeySlot(EntryStore):
             best = np.empty(len(unit), dtype=np.int64)
             cos = np.empty(len(unit), dtype=np.float32)
             for i in range(0, len(unit), _MERGE_BLOCK):
-                sims = (unit[i : i + _MERGE_BLOCK] @ keys.T) * inv  # (B, N)
-                best[i : i + _MERGE_BLOCK] = sims.argmax(axis=1)
-                cos[i : i + _MERGE_BLOCK] = sims[np.arange(len(sims)), best[i : i + _MERGE_BLOCK]]
+                # keys @ (D, B) C-contiguous: BLAS is 2-3x faster than unit @ keys.T here
+                sims = keys @ np.ascontiguousarray(unit[i : i + _MERGE_BLOCK].T)  # (N, B)
+                sims *= inv[:, None]
+                top = sims.argmax(axis=0)
+                best[i : i + _MERGE_BLOCK] = top
+                cos[i : i + _MERGE_BLOCK] = sims[top, np.arange(sims.shape[1])]
             return best, cos
         _, rows = self.index.search(unit, max(32, self.params.top_k))
         r = np.maximum(rows, 0)

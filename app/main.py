@@ -42,6 +42,11 @@ def _start_engine(app: FastAPI, settings: Settings, lm: LoadedModel | None) -> N
             torch.set_num_threads(settings.threads)
         if lm is None:
             log.info("loading model", extra={"model_path": str(settings.model_path or "bundled")})
+            # transformers' weight-loading bar writes to stderr without a line end: in a server
+            # it would splice itself into the next log line (and break a JSON log line)
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
             lm = load_model(settings.model_path, settings.cache_dir, weights=settings.weights)
         engine = Engine(
             lm,

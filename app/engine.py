@@ -713,7 +713,9 @@ class Engine:
         (the per-slot cost of a write is mostly fixed), then take them out of the window."""
         if st.memory_enabled:
             t0 = time.perf_counter()
-            slot_parts: list[tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]] = []
+            slot_parts: list[
+                tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray, np.ndarray]
+            ] = []
             knn_parts: list[tuple[np.ndarray, ...]] = []
             for entry in entries:
                 mask = entry.content_mask
@@ -727,6 +729,7 @@ class Engine:
                         st.cache.values[:, :, start:end][:, :, where],
                         entry.token_ids[mask],
                         np.full(int(mask.sum()), entry.seq, dtype=np.int64),
+                        np.nonzero(mask)[0].astype(np.int32),
                     )
                 )
                 # output-level read: each token's final state predicts the token after it; a
@@ -749,9 +752,7 @@ class Engine:
                     torch.cat([p[1] for p in slot_parts], dim=2).float().numpy(),
                     np.concatenate([p[2] for p in slot_parts]),
                     np.concatenate([p[3] for p in slot_parts]),
-                    np.concatenate(
-                        [np.nonzero(e.content_mask)[0] for e in entries if e.content_mask.any()]
-                    ).astype(np.int32),
+                    np.concatenate([p[4] for p in slot_parts]),
                 )
             if knn_parts:
                 hidden, nxt, tok, seqs, pos = (

@@ -204,16 +204,15 @@ class VectorIndex:
             if not self._approx:
                 dist, rows = index.search(q, k)
                 return dist, rows
-            if self._ivf:
+            if self._ivf:  # removed rows are out of the lists: no selector needed
                 dist, labels = index.search(q, k)
-                rows = np.where(labels >= 0, self._row_of_label[np.maximum(labels, 0)], -1)
-                return dist, rows
-            params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]  # not in stubs
-            params.efSearch = max(self.ef_search, k)
-            bits = self._bitmap()
-            if bits is not None:
-                params.sel = faiss.IDSelectorBitmap(index.ntotal, faiss.swig_ptr(bits))
-            dist, labels = index.search(q, k, params=params)
+            else:
+                params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]  # not in stubs
+                params.efSearch = max(self.ef_search, k)
+                bits = self._bitmap()
+                if bits is not None:
+                    params.sel = faiss.IDSelectorBitmap(index.ntotal, faiss.swig_ptr(bits))
+                dist, labels = index.search(q, k, params=params)
         finally:
             if serial:
                 faiss.omp_set_num_threads(threads)

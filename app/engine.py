@@ -46,6 +46,10 @@ from memory_store.persistence import (
 from memory_store.transfer import export_session, import_session
 
 ROLES = ("system", "user", "assistant")
+# Whose tokens the output-level (kNN) read may copy into a reply by default: not the assistant's
+# own (mostly acknowledgements and stock phrasing; copying them made replies loop on "I've updated
+# that."). The attention-level read still reads every role.
+KNN_ROLES = ("system", "user")
 
 
 class WindowTooSmall(ValueError):
@@ -283,7 +287,7 @@ class Engine:
         read: ReadConfig | None = None,
         max_new_tokens: int = 256,
         max_cached_sessions: int = 16,
-        knn_roles: tuple[str, ...] = ("system", "user", "assistant"),
+        knn_roles: tuple[str, ...] = KNN_ROLES,
         lock_timeout: float = 30.0,
     ) -> None:
         self.lm = lm

@@ -29,13 +29,14 @@ from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 _LOG_FLOOR = math.log(1e-30)  # floor of the mixed output distribution, in log space
+_MAX_LAMBDA = 0.97  # the LM keeps a say even when copying
 
 
 class MemoryReader(Protocol):
     """What the attention needs from a session memory (``memory_store.SessionMemory`` is one)."""
 
     def entry_count(self) -> int: ...
-    def token_count(self) -> int: ...
+    def knn_count(self) -> int: ...
     def search(self, layer: int, queries: np.ndarray, k: int, with_keys: bool = True) -> Any: ...
     def knn_search(self, hidden: np.ndarray, k: int) -> Any: ...
 
@@ -50,6 +51,12 @@ class ReadConfig:
     knn_temperature: float = 0.05  # p_mem = softmax(-relative distance / temperature)
     knn_gate: float = 0.35  # relative distance of the nearest neighbour where lam is halved
     knn_gate_width: float = 0.03  # how sharp that gate is
+    # Copying: when the nearest neighbour is this close, the reply is retracing a remembered
+    # sentence (its value tokens come next) and the LM's own prior must not override it
+    # ("Your locker code is 1" -> LM "2", memory "3"): lam rises by knn_copy_lambda.
+    knn_copy_lambda: float = 0.7
+    knn_copy_gate: float = 0.12  # relative distance of the nearest neighbour where it is halved
+    knn_copy_width: float = 0.02
     collect_mass: bool = False  # return the attention mass each memory entry received
 
 
@@ -284,12 +291,15 @@ def knn_mix(
     query's squared norm (so one temperature fits any model width). The mixing weight is ``lam``
     gated by how close the nearest neighbour is: far neighbours (``d`` above ``knn_gate``) leave
     the LM alone, which keeps the memory from pulling unrelated remembered tokens into a reply.
+    A second, narrower gate adds ``knn_copy_lambda`` when the nearest neighbour is nearly the
+    same state (``d`` below ``knn_copy_gate``): the reply is then retracing a remembered sentence,
+    and the memory, not the LM's prior, says which token comes next (capped at 0.97).
 
     ``p = (1 - lam) p_lm + lam p_mem`` is floored at 1e-30 before the log. ``p_mem`` is zero but
     on the (at most k) voted tokens, so the rest of the vocabulary is a shift in log space,
     ``log p_lm + log(1 - lam)``, and only the voted tokens are mixed in probability space (two
     passes over the vocabulary instead of seven)."""
-    if memory is None or cfg.knn_lambda <= 0 or memory.token_count() == 0:
+    if memory is None or cfg.knn_lambda <= 0 or memory.knn_count() == 0:
         return logprobs
     query = np.ascontiguousarray(hidden.float().numpy())
     found = memory.knn_search(query, cfg.knn_k)
@@ -303,6 +313,9 @@ def knn_mix(
     p_vote = torch.softmax(vote, dim=-1).nan_to_num(0.0)  # (T, k), 0 where missing
     nearest = dist.min(dim=-1, keepdim=True).values  # (T, 1)
     lam = cfg.knn_lambda * torch.sigmoid((cfg.knn_gate - nearest) / cfg.knn_gate_width)
+    if cfg.knn_copy_lambda > 0:
+        copy = torch.sigmoid((cfg.knn_copy_gate - nearest) / cfg.knn_copy_width)
+        lam = (lam + cfg.knn_copy_lambda * copy).clamp(max=_MAX_LAMBDA)
     # missing neighbours point at the nearest one's token (token 0 when none), with no vote
     tok = torch.where(missing, ids[:, :1], ids).clamp(min=0)  # (T, k)
     p_mem = ((tok[:, :, None] == tok[:, None, :]) * p_vote[:, None, :]).sum(-1)  # votes per token

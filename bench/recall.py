@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--knn-lambda", type=float, default=None)
     ap.add_argument("--knn-temperature", type=float, default=None)
     ap.add_argument("--knn-gate", type=float, default=None)
+    ap.add_argument("--knn-copy-lambda", type=float, default=None)
+    ap.add_argument("--knn-copy-gate", type=float, default=None)
     ap.add_argument("--decay", type=float, default=None)
     ap.add_argument("--merge-threshold", type=float, default=None)
     ap.add_argument("--reinforce", type=float, default=None)
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--knn-roles",
-        default="system,user,assistant",
+        default="system,user",
         help="roles whose tokens the kNN read copies",
     )
     args = ap.parse_args(argv)
@@ -130,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         "knn_lambda": args.knn_lambda,
         "knn_temperature": args.knn_temperature,
         "knn_gate": args.knn_gate,
+        "knn_copy_lambda": args.knn_copy_lambda,
+        "knn_copy_gate": args.knn_copy_gate,
     }
     read = replace(read, **{k: v for k, v in overrides.items() if v is not None})
     params = MemoryParams()

@@ -63,7 +63,7 @@ class _OneEntryMemory:
     def entry_count(self) -> int:
         return 1
 
-    def token_count(self) -> int:
+    def knn_count(self) -> int:
         return 0
 
     def search(self, layer: int, queries: np.ndarray, k: int, with_keys: bool = True):  # noqa: ANN201
@@ -106,7 +106,7 @@ class _KnnMemory:
     def __init__(self, ids: np.ndarray, dist: np.ndarray, log_s: np.ndarray) -> None:
         self.ids, self.dist, self.log_s = ids, dist, log_s
 
-    def token_count(self) -> int:
+    def knn_count(self) -> int:
         return 1
 
     def knn_search(self, hidden: np.ndarray, k: int):  # noqa: ANN201
@@ -130,6 +130,10 @@ def _knn_mix_dense(logprobs, hidden, found: _KnnMemory, cfg) -> torch.Tensor:  #
     p_mem.scatter_add_(1, ids.clamp(min=0), p_vote)
     nearest = dist.min(dim=-1, keepdim=True).values
     lam = cfg.knn_lambda * torch.sigmoid((cfg.knn_gate - nearest) / cfg.knn_gate_width)
+    lam = lam + cfg.knn_copy_lambda * torch.sigmoid(
+        (cfg.knn_copy_gate - nearest) / cfg.knn_copy_width
+    )
+    lam = lam.clamp(max=0.97)
     mixed = (1 - lam) * logprobs.float().exp() + lam * p_mem
     return mixed.clamp_min(1e-30).log()
 
@@ -150,16 +154,36 @@ def test_knn_mix_equals_the_dense_mixture() -> None:
     norm2 = hidden.pow(2).sum(-1, keepdim=True).numpy()
     rel = np.sort(rng.uniform(0.2, 0.5, (t, k)), axis=1)
     rel[4] += 1.0  # far: the gate closes
+    rel[0] -= 0.19  # nearly the same state: copying
     dist = (rel * norm2).astype(np.float32)
     dist[ids < 0] = np.inf
     log_s = np.where(ids < 0, -np.inf, rng.uniform(-1, 0, (t, k))).astype(np.float32)
     mem = _KnnMemory(ids, dist, log_s)
-    for cfg in (ReadConfig(), ReadConfig(knn_lambda=0.9, knn_temperature=0.2)):
+    configs = (
+        ReadConfig(),
+        ReadConfig(knn_lambda=0.9, knn_temperature=0.2),
+        ReadConfig(knn_copy_lambda=0.0),
+    )
+    for cfg in configs:
         got = knn_mix(logprobs, hidden, mem, cfg)
         want = _knn_mix_dense(logprobs, hidden, mem, cfg)
         assert got.dtype == logprobs.dtype and got.shape == logprobs.shape
         torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
     assert knn_mix(logprobs, hidden, mem, ReadConfig(knn_lambda=0.0)) is logprobs
+
+
+def test_a_near_identical_neighbour_outvotes_a_confident_lm() -> None:
+    """Copying: the LM is sure of token 1, the one neighbour (nearly the same state) says 2."""
+    from app.memory_llama import knn_mix
+
+    logprobs = torch.log(torch.tensor([[0.01, 0.95, 0.04]]))
+    hidden = torch.ones(1, 4)  # |h|^2 = 4
+    near = _KnnMemory(np.array([[2]]), np.array([[0.02 * 4]], np.float32), np.zeros((1, 1)))
+    far = _KnnMemory(np.array([[2]]), np.array([[0.3 * 4]], np.float32), np.zeros((1, 1)))
+    assert int(knn_mix(logprobs, hidden, near, ReadConfig()).argmax()) == 2
+    assert int(knn_mix(logprobs, hidden, far, ReadConfig()).argmax()) == 1
+    no_copy = ReadConfig(knn_copy_lambda=0.0)
+    assert int(knn_mix(logprobs, hidden, near, no_copy).argmax()) == 1
 
 
 def test_keys_written_in_place_equal_the_concatenating_path(lm: LoadedModel) -> None:

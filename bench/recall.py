@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--knn-roles",
-        default="system,user",
+        default="system,user,assistant",
         help="roles whose tokens the kNN read copies",
     )
     args = ap.parse_args(argv)

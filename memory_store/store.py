@@ -81,7 +81,7 @@ class MessageMemoryStats:
 
     message_id: int
     entries: int  # slot entries over all (layer, head)
-    tokens: int  # distinct positions over its slot and kNN entries: remembered tokens
+    tokens: int  # kNN entries = remembered tokens
     mean_strength: float
     min_strength: float
     turn_written: int  # earliest turn an entry of the message was written
@@ -584,7 +584,6 @@ class SessionMemory:
         ]
         self.knn = KnnStore(hidden_dim, self.params)
         self.storage = StorageState()
-        self._tokens: tuple[tuple[int, ...], int] | None = None  # (sizes seen, token count)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -834,23 +833,8 @@ class SessionMemory:
         return len(self.slot(layer, head))
 
     def token_count(self) -> int:
-        """Remembered tokens: distinct (message id, position) over the slot and kNN entries (a
-        token merged away in every slot is no longer counted). Cached until the memory changes."""
-        sizes = (self.next_id, self.next_knn_id, *(len(s) for s in self.stores()))
-        if self._tokens is None or self._tokens[0] != sizes:
-            self._tokens = (sizes, len(np.unique(self._token_keys())))
-        return self._tokens[1]
-
-    def knn_count(self) -> int:
-        """kNN entries: the remembered tokens the output-level read may copy."""
+        """kNN entries = remembered tokens."""
         return len(self.knn)
-
-    def _token_keys(self) -> np.ndarray:
-        """(message id, position) of every slot and kNN entry as one int64 each."""
-        stores = self.stores()
-        mids = np.concatenate([s.col("message_id") for s in stores])
-        pos = np.concatenate([s.col("position") for s in stores]).astype(np.int64)
-        return (mids << 32) | (pos & 0xFFFFFFFF)
 
     def nbytes(self) -> int:
         """Approximate RAM of the stored arrays and the FAISS indexes."""
@@ -876,8 +860,7 @@ class SessionMemory:
     def message_stats(self) -> dict[int, MessageMemoryStats]:
         """Per message id: entries, tokens, mean/min strength, earliest turn_written, attention.
 
-        Strength statistics are over the message's slot entries (its kNN entries if it has none);
-        tokens are its distinct positions over both.
+        Strength statistics are over the message's slot entries (its kNN entries if it has none).
         """
         slots = [s for layer in self.slots for s in layer]
         cat = {
@@ -892,8 +875,6 @@ class SessionMemory:
         out: dict[int, MessageMemoryStats] = {}
         slot_groups = _groups(cat["message_id"], mids)
         knn_groups = _groups(self.knn.col("message_id"), mids)
-        token_keys = np.unique(self._token_keys())
-        per_message = np.bincount(np.searchsorted(mids, token_keys >> 32), minlength=len(mids))
         for i, mid in enumerate(mids.tolist()):
             sel, ksel = slot_groups[i], knn_groups[i]
             s = s_all[sel] if len(sel) else knn_s[ksel]
@@ -901,7 +882,7 @@ class SessionMemory:
             out[mid] = MessageMemoryStats(
                 message_id=mid,
                 entries=len(sel),
-                tokens=int(per_message[i]),
+                tokens=len(ksel),
                 mean_strength=float(s.mean()),
                 min_strength=float(s.min()),
                 turn_written=int(tw.min()),

@@ -63,7 +63,7 @@ class _OneEntryMemory:
     def entry_count(self) -> int:
         return 1
 
-    def knn_count(self) -> int:
+    def token_count(self) -> int:
         return 0
 
     def search(self, layer: int, queries: np.ndarray, k: int, with_keys: bool = True):  # noqa: ANN201
@@ -106,7 +106,7 @@ class _KnnMemory:
     def __init__(self, ids: np.ndarray, dist: np.ndarray, log_s: np.ndarray) -> None:
         self.ids, self.dist, self.log_s = ids, dist, log_s
 
-    def knn_count(self) -> int:
+    def token_count(self) -> int:
         return 1
 
     def knn_search(self, hidden: np.ndarray, k: int):  # noqa: ANN201
@@ -162,7 +162,7 @@ def test_knn_mix_equals_the_dense_mixture() -> None:
     configs = (
         ReadConfig(),
         ReadConfig(knn_lambda=0.9, knn_temperature=0.2),
-        ReadConfig(knn_copy_lambda=0.0),
+        ReadConfig(knn_copy_lambda=0.7),
     )
     for cfg in configs:
         got = knn_mix(logprobs, hidden, mem, cfg)
@@ -180,10 +180,10 @@ def test_a_near_identical_neighbour_outvotes_a_confident_lm() -> None:
     hidden = torch.ones(1, 4)  # |h|^2 = 4
     near = _KnnMemory(np.array([[2]]), np.array([[0.02 * 4]], np.float32), np.zeros((1, 1)))
     far = _KnnMemory(np.array([[2]]), np.array([[0.3 * 4]], np.float32), np.zeros((1, 1)))
-    assert int(knn_mix(logprobs, hidden, near, ReadConfig()).argmax()) == 2
-    assert int(knn_mix(logprobs, hidden, far, ReadConfig()).argmax()) == 1
-    no_copy = ReadConfig(knn_copy_lambda=0.0)
-    assert int(knn_mix(logprobs, hidden, near, no_copy).argmax()) == 1
+    copy = ReadConfig(knn_copy_lambda=0.7)
+    assert int(knn_mix(logprobs, hidden, near, copy).argmax()) == 2
+    assert int(knn_mix(logprobs, hidden, far, copy).argmax()) == 1
+    assert int(knn_mix(logprobs, hidden, near, ReadConfig()).argmax()) == 1  # off by default
 
 
 def test_keys_written_in_place_equal_the_concatenating_path(lm: LoadedModel) -> None:

@@ -141,8 +141,7 @@ def test_merge_within_one_write():
     other = rng.standard_normal((L, H, 1, D)).astype(np.float32)
     stats = write(mem, np.concatenate([k, other, k * 2], 2))  # third repeats the first
     assert (stats.added, stats.merged) == (2 * L * H, L * H)
-    # three tokens written, the third merged into the first in every slot: two remembered
-    assert mem.slot_size(0, 0) == 2 and mem.token_count() == 2 and mem.knn_count() == 0
+    assert mem.slot_size(0, 0) == 2 and mem.token_count() == 0
 
 
 def test_below_threshold_is_a_new_entry():
@@ -270,7 +269,7 @@ def test_knn_matches_brute_force(rng):
     kr = mem.knn_search(q[:2], 60)
     assert (kr.next_token_ids[:, 50:] == -1).all() and np.isinf(kr.distances[:, 50:]).all()
     assert np.isneginf(kr.log_strength[:, 50:]).all()
-    assert mem.token_count() == mem.knn_count() == 50 and mem.entry_count() == 0
+    assert mem.token_count() == 50 and mem.entry_count() == 0
 
 
 def test_entry_info_and_stats(rng):
@@ -287,18 +286,6 @@ def test_entry_info_and_stats(rng):
     assert stats[5].mean_strength == pytest.approx(0.5) and stats[6].min_strength == 1.0
     assert stats[5].attention == pytest.approx(0.75) and stats[6].attention == 0
     assert mem.nbytes() > 0
-
-
-def test_tokens_without_knn_entries_count(rng):
-    """A message whose tokens the kNN read may not copy is still remembered, token by token."""
-    mem = make(merge_threshold=NO_MERGE)
-    random_turn(mem, rng, 3, message_id=5)  # slots and kNN
-    assert mem.token_count() == mem.knn_count() == 3
-    write(mem, rng.standard_normal((L, H, 4, D)).astype(np.float32), message_id=6)  # slots only
-    assert mem.token_count() == 7 and mem.knn_count() == 3
-    assert mem.message_stats()[6].tokens == 4 and mem.message_stats()[5].tokens == 3
-    mem.forget_message(6)
-    assert mem.token_count() == 3
 
 
 def test_bad_shapes_raise_shape_error():

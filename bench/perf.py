@@ -44,14 +44,20 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "bench"
 
 
 def _corpus() -> list[str]:
-    """Sentences to fill memory with: the public recall files' messages, else a built-in list."""
+    """Sentences to fill memory with: the public recall files' messages, else (a checkout without
+    ../shared) those of conversations from `bench.gen_hard`. A corpus of a few sentences would
+    merge into a few hundred entries per slot and measure a memory far smaller than its tokens."""
     texts: list[str] = []
     for name in ("recall-dev-hard.jsonl", "recall-dev.jsonl"):
         path = SHARED / name
         if path.is_file():
             for line in path.read_text().splitlines():
                 texts += [m["content"] for m in json.loads(line)["messages"]]
-    return sorted(set(texts)) or ["The quick brown fox jumps over the lazy dog."]
+    if not texts:
+        from bench.gen_hard import generate
+
+        texts = [m["content"] for case in generate(cases=60, filler=64) for m in case["messages"]]
+    return sorted(set(texts))
 
 
 def fill_memory(lm: Any, memory: Any, n_tokens: int, chunk: int = 256, seed: int = 0) -> float:
@@ -277,6 +283,12 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = Settings()
     torch.set_num_threads(args.threads)
+    # the engine's settings for the memory search (see app.engine.Engine): one BLAS / FAISS thread
+    import faiss
+    import threadpoolctl
+
+    faiss.omp_set_num_threads(1)
+    threadpoolctl.threadpool_limits(1, user_api="blas")
     formats = [f for f in args.formats.split(",") if f]
     models = {
         f: load_model(settings.model_path, settings.cache_dir, weights=f)

@@ -692,7 +692,10 @@ class SessionMemory:
         scores = np.empty((H, width, Q), dtype=np.float32)
         # key-major scores against C-contiguous (D, Q) queries: BLAS's fast layout
         qt = np.ascontiguousarray(q.transpose(0, 2, 1))
-        np.matmul(arrays["key"][:, :n], qt, out=scores[:, :n])
+        chunk = max(256, _GEMM_MNK // (Q * D))  # key rows per matmul: BLAS stays on this thread
+        for r0 in range(0, n, chunk):
+            r1 = min(n, r0 + chunk)
+            np.matmul(arrays["key"][:, r0:r1], qt, out=scores[:, r0:r1])
         scores[:, n:] = -np.inf
         short = [h for h in range(H) if sizes[h] < n]
         for h in short:

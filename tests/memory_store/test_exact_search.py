@@ -158,12 +158,13 @@ def test_packed_read_equals_the_per_head_read(rng, monkeypatch) -> None:
     _check_exact(mem, rng, 16, Q=3)
 
 
-def test_exact_read_blocks_and_chunks(rng, monkeypatch) -> None:
+@pytest.mark.parametrize("queries", [3, 80], ids=["packed", "per-head"])
+def test_exact_read_blocks_and_chunks(rng, monkeypatch, queries: int) -> None:
     """Query blocks (bounded score buffer) and row chunks (bounded matmuls) change nothing but
     rounding."""
     mem = SessionMemory(L, H, D, DM, MemoryParams(merge_threshold=2.0))
     _fill(mem, rng, 2, 400)
-    q = rng.standard_normal((H, 80, D)).astype(np.float32)  # above the packed path's limit
+    q = rng.standard_normal((H, queries, D)).astype(np.float32)  # 80: above the packed limit
     whole = mem.search(1, q, 16)
     monkeypatch.setattr(store_mod, "_SCORE_BLOCK", 1)  # one query per block
     monkeypatch.setattr(store_mod, "_GEMM_MNK", 1)  # 256 key rows per matmul

@@ -29,6 +29,7 @@ def _engine(settings: Settings, window: int | None = None) -> Engine:
         make_sessionmaker(settings.database_url),
         window=window or settings.window,
         max_new_tokens=settings.max_new_tokens,
+        decode_batch=settings.decode_batch,
     )
 
 

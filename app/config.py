@@ -46,6 +46,13 @@ class Settings(BaseSettings):
         0.0, ge=0, le=2, description="Sampling temperature when a request gives none (0 = greedy)."
     )
     max_cached_sessions: int = Field(16, ge=1, description="Sessions kept in RAM (LRU).")
+    decode_batch: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="Sessions whose decoding steps share one forward pass when they generate at "
+        "the same time (1: each on its own).",
+    )
 
     # server
     host: str = Field("127.0.0.1", description="Address `python -m app serve` binds.")

@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session as DbSession
 from sqlalchemy.orm import sessionmaker
 
 from app.chat_format import ChatFormat, EncodedMessage
-from app.memory_llama import ForwardOutput, ReadConfig, WindowCache, forward
+from app.memory_llama import ForwardOutput, ReadConfig, WindowCache, forward, forward_batch
 from app.model import LoadedModel
 from memory_store import MemoryParams, SessionMemory
 from memory_store.errors import InvalidExport, SessionNotFound
@@ -46,6 +46,7 @@ from memory_store.persistence import (
 from memory_store.transfer import export_session, import_session
 
 ROLES = ("system", "user", "assistant")
+log = logging.getLogger("memchat.engine")
 # Whose tokens the output-level (kNN) read may copy into a reply by default. Leaving the
 # assistant's out changed no greedy reply of 51 recall cases (it matters only with the copy gate,
 # whose loops on "I've updated that." it stops) and cost one mc case of 60: all roles.
@@ -96,6 +97,110 @@ class _LockTable:
                     del self._locks[key]
                 else:
                     self._locks[key] = (lock, users - 1)
+
+
+@dataclass
+class _Step:
+    """One session's decoding step waiting for a batch."""
+
+    window: WindowCache
+    memory: SessionMemory | None
+    read: ReadConfig
+    token: int
+    result: ForwardOutput | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+
+class DecodeBatcher:
+    """Runs the decoding steps of sessions that decode at the same time as one batched forward
+    (`forward_batch`): the weights are read once per step for up to ``max_batch`` sessions.
+
+    Turns in their decoding loop register (`decoding`); a step waits at most ``wait_s`` for the
+    other registered turns' steps, so a lone turn never waits. Leader-follower: the first thread
+    to find no batch running gathers one and runs it on its own thread, the others sleep until
+    their step is done. ``max_batch`` 1 runs every step on its own.
+    """
+
+    def __init__(self, model: Any, max_batch: int = 4, wait_s: float = 0.004) -> None:
+        self.model = model
+        self.max_batch = max_batch
+        self.wait_s = wait_s
+        self._cond = threading.Condition()
+        self._queue: list[_Step] = []
+        self._active = 0  # turns inside `decoding`
+        self._busy = False  # a leader is gathering or running a batch
+        self.batch_sizes: dict[int, int] = {}  # batches run, by size (for tests and metrics)
+
+    @contextmanager
+    def decoding(self) -> Iterator[None]:
+        """Mark the calling turn as decoding (its steps are worth waiting for)."""
+        with self._cond:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
+
+    def step(
+        self, window: WindowCache, memory: SessionMemory | None, read: ReadConfig, token: int
+    ) -> ForwardOutput:
+        """Run ``token`` after ``window`` reading ``memory``; the window gains the token."""
+        req = _Step(window, memory, read, token)
+        with self._cond:
+            self._queue.append(req)
+            self._cond.notify_all()
+            while not req.done:
+                if self._busy:
+                    self._cond.wait()
+                    continue
+                self._busy = True  # lead: gather the steps of the other decoding turns
+                deadline = time.monotonic() + self.wait_s
+                while len(self._queue) < min(self._active, self.max_batch):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                batch = self._queue[: max(1, self.max_batch)]
+                del self._queue[: len(batch)]
+                self._cond.release()
+                try:
+                    self._run(batch)
+                finally:
+                    self._cond.acquire()
+                    self._busy = False
+                    self._cond.notify_all()
+        if req.error is not None:
+            raise req.error
+        assert req.result is not None
+        return req.result
+
+    def _run(self, batch: list[_Step]) -> None:
+        self.batch_sizes[len(batch)] = self.batch_sizes.get(len(batch), 0) + 1
+        if len(batch) > 1:
+            try:
+                outs = forward_batch(
+                    self.model,
+                    [r.token for r in batch],
+                    [r.window for r in batch],
+                    [r.memory for r in batch],
+                    [r.read for r in batch],
+                )
+                for r, out in zip(batch, outs, strict=True):
+                    r.result, r.done = out, True
+                return
+            except Exception:  # noqa: BLE001 - each step again on its own: the error is its owner's
+                log.debug("batched step failed; running its steps one by one", exc_info=True)
+        for r in batch:
+            try:
+                r.result = forward(
+                    self.model, torch.tensor([r.token]), r.window, r.memory, r.read, logits_from=-1
+                )
+            except BaseException as exc:  # handed to the step's own thread
+                r.error = exc
+            r.done = True
 
 
 @dataclass
@@ -289,6 +394,7 @@ class Engine:
         max_cached_sessions: int = 16,
         knn_roles: tuple[str, ...] = KNN_ROLES,
         lock_timeout: float = 30.0,
+        decode_batch: int = 4,
     ) -> None:
         self.lm = lm
         self.model = lm.model
@@ -301,6 +407,8 @@ class Engine:
         self.max_cached_sessions = max_cached_sessions
         self.knn_roles = knn_roles  # whose tokens the output-level read may copy
         self.lock_timeout = lock_timeout
+        # decoding steps of concurrent turns share forward passes (see DecodeBatcher)
+        self.batcher = DecodeBatcher(self.model, max_batch=decode_batch)
         self._cache: OrderedDict[str, SessionState] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._locks = _LockTable()
@@ -799,11 +907,22 @@ class Engine:
             commit=commit,
             logits_from=logits_from,
         )
+        self._note_mass(st, out)
+        return out
+
+    def _step(self, st: SessionState, token: int) -> ForwardOutput:
+        """One decoding step (`_run` of one token), batched with other turns' steps."""
+        memory = st.memory if st.memory_enabled else None
+        out = self.batcher.step(st.cache, memory, st.read, token)
+        self._note_mass(st, out)
+        return out
+
+    def _note_mass(self, st: SessionState, out: ForwardOutput) -> None:
+        """Keep the attention mass the memory entries received, for reinforcement."""
         if out.memory_mass:
             for layer, lm in enumerate(out.memory_mass):
                 for head in range(len(lm.ids)):
                     st.mass.setdefault((layer, head), []).append((lm.ids[head], lm.mass[head]))
-        return out
 
     def _process(
         self, st: SessionState, enc: EncodedMessage, pinned: bool = False, content: str = ""
@@ -935,32 +1054,34 @@ class Engine:
                 finish = "length"
                 close = self.fmt.close_reply()
                 try:
-                    for _ in range(limit):
-                        nxt = _pick(out.logits[-1], temperature, top_p, generator)
-                        if nxt in self.fmt.stop_ids:
-                            finish = "stop"
-                            break
-                        generated.append(nxt)
-                        text_now = str(
-                            self.lm.tokenizer.decode(generated, skip_special_tokens=True)
-                        )
-                        cut = _find_stop(text_now, stop, len(sent))
-                        if cut is not None:
-                            text_now, reply_text, finish = text_now[:cut], text_now[:cut], "stop"
-                        ready = len(text_now) - _held_back(text_now, stop)
-                        if not text_now.endswith("\ufffd") and ready > len(sent):
-                            if first_token_s is None:
-                                first_token_s = time.perf_counter() - t0
-                            yield text_now[len(sent) : ready]
-                            sent = text_now[:ready]
-                        if reply_text is not None:
-                            break
-                        if st.cache.length + 1 + len(close) > st.window_size:
-                            # the reply goes on: older messages move to memory (the reply stays)
-                            self._make_room(st, 1 + len(close))
-                        out = self._run(st, np.asarray([nxt], dtype=np.int64))
-                        read_s += out.read_seconds
-                        hiddens.append(out.hidden)
+                    with self.batcher.decoding():
+                        for _ in range(limit):
+                            nxt = _pick(out.logits[-1], temperature, top_p, generator)
+                            if nxt in self.fmt.stop_ids:
+                                finish = "stop"
+                                break
+                            generated.append(nxt)
+                            text_now = str(
+                                self.lm.tokenizer.decode(generated, skip_special_tokens=True)
+                            )
+                            cut = _find_stop(text_now, stop, len(sent))
+                            if cut is not None:
+                                text_now = reply_text = text_now[:cut]
+                                finish = "stop"
+                            ready = len(text_now) - _held_back(text_now, stop)
+                            if not text_now.endswith("\ufffd") and ready > len(sent):
+                                if first_token_s is None:
+                                    first_token_s = time.perf_counter() - t0
+                                yield text_now[len(sent) : ready]
+                                sent = text_now[:ready]
+                            if reply_text is not None:
+                                break
+                            if st.cache.length + 1 + len(close) > st.window_size:
+                                # the reply goes on: older messages move to memory (the reply stays)
+                                self._make_room(st, 1 + len(close))
+                            out = self._step(st, nxt)
+                            read_s += out.read_seconds
+                            hiddens.append(out.hidden)
                 except GeneratorExit:
                     finish = "cancelled"  # the client stopped reading: keep what was generated
                 if reply_text is None:

@@ -56,6 +56,7 @@ def _start_engine(app: FastAPI, settings: Settings, lm: LoadedModel | None) -> N
             max_new_tokens=settings.max_new_tokens,
             max_cached_sessions=settings.max_cached_sessions,
             lock_timeout=settings.lock_timeout,
+            decode_batch=settings.decode_batch,
         )
         app.state.metrics.set_memory_entries_function(engine.cached_memory_entries)
         app.state.engine = engine

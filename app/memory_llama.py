@@ -421,6 +421,98 @@ def forward(
     return out
 
 
+@torch.inference_mode()
+def forward_batch(
+    model: LlamaForCausalLM,
+    tokens: list[int],
+    windows: list[WindowCache],
+    memories: list[MemoryReader | None],
+    cfgs: list[ReadConfig],
+) -> list[ForwardOutput]:
+    """One decoding step of several sequences at once: token ``tokens[b]`` after the window
+    ``windows[b]``, reading ``memories[b]`` with ``cfgs[b]``; each window gains its token.
+
+    The linear layers run on all sequences together (the weights are read once per step, and
+    int8 weights cost about the same for 4 rows as for 1 on this CPU); attention, the memory
+    read and the output-level read stay per sequence. Outputs equal `forward` of each sequence
+    alone up to float rounding. Every window must have room for one more token.
+    """
+    cfg_m = model.config
+    inner = model.model
+    n = len(tokens)
+    hq = cfg_m.num_attention_heads
+    h_kv = windows[0].n_kv
+    d = windows[0].head_dim
+    scaling = d**-0.5
+    for w in windows:
+        if w.length + 1 > w.capacity:
+            raise ValueError(f"window cache full: {w.length} + 1 > {w.capacity}")
+    pasts = [w.length for w in windows]
+    tables = [rope_tables(model, p, 1, model.dtype) for p in pasts]
+    cos = torch.cat([c for c, _ in tables])[:, None, :]  # (B, 1, D): broadcast over heads
+    sin = torch.cat([s for _, s in tables])[:, None, :]
+    readers = [m if m is not None and m.entry_count() > 0 else None for m in memories]
+    h = inner.embed_tokens(torch.tensor(tokens, dtype=torch.long))  # (B, Dm)
+    read_s = [0.0] * n
+    masses: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(n)]
+    for layer_idx, layer in enumerate(inner.layers):
+        attn = layer.self_attn
+        x = layer.input_layernorm(h)
+        q, k, v = _project_qkv(attn, x, hq, h_kv, d)  # (Hq|H, B, D): the batch as "tokens"
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (B, Hq|H, D)
+        q_rot = q * cos + _rotate_half(q) * sin
+        k_rot = k * cos + _rotate_half(k) * sin
+        outs = []
+        for b, w in enumerate(windows):
+            p = pasts[b]
+            w.keys[layer_idx, :, p] = k[b]
+            w.values[layer_idx, :, p] = v[b]
+            w.keys_rot[layer_idx, :, p] = k_rot[b]
+            out_b, ids, w_mem, secs = _attend(
+                q_rot[b].unsqueeze(1),
+                w.keys_rot[layer_idx, :, : p + 1],
+                w.values[layer_idx, :, : p + 1],
+                scaling,
+                p,
+                readers[b],
+                layer_idx,
+                cfgs[b].top_k,
+            )
+            outs.append(out_b)
+            read_s[b] += secs
+            if cfgs[b].collect_mass and ids is not None and w_mem is not None:
+                masses[b].append((ids, w_mem))
+        h = h + attn.o_proj(torch.cat(outs))
+        h = h + _mlp(layer.mlp, layer.post_attention_layernorm(h))
+
+    hidden = inner.norm(h)  # (B, Dm)
+    logprobs = torch.log_softmax(model.lm_head(hidden).float(), dim=-1)
+    results = []
+    for b, w in enumerate(windows):
+        t0 = time.perf_counter()
+        lp = knn_mix(logprobs[b : b + 1], hidden[b : b + 1], memories[b], cfgs[b])
+        read_s[b] += time.perf_counter() - t0
+        p = pasts[b]
+        out = ForwardOutput(
+            logits=lp,
+            hidden=hidden[b : b + 1],
+            keys=w.keys[:, :, p : p + 1].clone(),
+            values=w.values[:, :, p : p + 1].clone(),
+            read_seconds=read_s[b],
+        )
+        if cfgs[b].collect_mass:
+            out.memory_mass = [_sum_mass(ids, wm) for ids, wm in masses[b]]
+        results.append(out)
+    for w in windows:  # only once every output exists: a failure leaves every window as it was
+        w.commit_written(1)
+    return results
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
 def _project_qkv(
     attn: Any, x: torch.Tensor, hq: int, h: int, d: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -9,7 +9,9 @@ load spreads over all of them):
 * the memchat forward in the format ``--weights`` with memories of about 1k and 10k tokens (real
   keys/values: text run through the model, written as a live session would);
 * optionally llama.cpp (``llama-cpp-python``, if installed) on the bundled GGUF: the outside
-  reference.
+  reference;
+* ``--batch 1,2,4`` sessions decoding together (`forward_batch`, what the engine's
+  `DecodeBatcher` runs for concurrent turns), each reading the smallest memory: summed tokens/s.
 
 Then one conversation through the engine (``--turns 10,100,1000``, window ``--window``): history
 is imported up to each checkpoint and three real turns are timed there (median); memory writes
@@ -126,6 +128,29 @@ def decode_rate(lm: Any, memory: Any, n_tokens: int, read: Any) -> dict[str, flo
         "read_share": round(read_s / total, 4),
         "read_ms_per_token": round(1000 * read_s / n_tokens, 3),
     }
+
+
+def batched_rate(lm: Any, memories: list[Any], n_tokens: int, read: Any) -> dict[str, float]:
+    """B sessions (one per memory, None = no memory) decoding together, each step one
+    `forward_batch`: tokens/s summed over the sessions (wall and CPU time)."""
+    import torch
+
+    from app.memory_llama import WindowCache, forward, forward_batch
+
+    prompt = _prompt(lm)
+    windows = [WindowCache(lm.model, len(prompt) + n_tokens + 8) for _ in memories]
+    nxt = []
+    for w, m in zip(windows, memories, strict=True):
+        out = forward(lm.model, torch.tensor(prompt), w, m, read)
+        nxt.append(int(out.logits[-1].argmax()))
+    reads = [read] * len(memories)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(n_tokens):
+        outs = forward_batch(lm.model, nxt, windows, memories, reads)
+        nxt = [int(o.logits[-1].argmax()) for o in outs]
+    total, cpu = time.perf_counter() - t0, time.process_time() - c0
+    n = n_tokens * len(memories)
+    return {"tokens_per_s": round(n / total, 2), "tokens_per_cpu_s": round(n / cpu, 2)}
 
 
 def hf_generate_rate(model: Any, prompt: list[int], n_tokens: int) -> dict[str, float]:
@@ -271,6 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--turns", default="10,100,1000", help="checkpoints of the long conversation")
     ap.add_argument("--window", type=int, default=1024, help="window of the long conversation")
     ap.add_argument("--reply-tokens", type=int, default=16)
+    ap.add_argument(
+        "--batch",
+        default="1,2,4",
+        help="sessions decoding together (forward_batch), each with the smallest memory size",
+    )
     args = ap.parse_args(argv)
 
     import torch
@@ -325,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
         runs[f"no_memory_{f}"] = []
     for size in memories:
         runs[f"memory_{size}"] = []
+    batches = [int(b) for b in args.batch.split(",") if b]
+    for b in batches:
+        runs[f"batch_{b}"] = []
     for r in range(args.repeats):
         print(f"decode runs {r + 1}/{args.repeats}", file=sys.stderr)
         runs["transformers"].append(hf_generate_rate(plain, prompt, args.tokens))
@@ -335,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
             runs[f"no_memory_{f}"].append(decode_rate(models[f], None, args.tokens, read))
         for size, (mem, _, _) in memories.items():
             runs[f"memory_{size}"].append(decode_rate(lm, mem, args.tokens, read))
+        smallest = memories[min(memories)][0] if memories else None
+        for b in batches:  # one memory read by every session: each session reads its own copy
+            runs[f"batch_{b}"].append(batched_rate(lm, [smallest] * b, args.tokens, read))
 
     def median_of(rs: list[dict[str, float]]) -> dict[str, float]:
         return {k: statistics.median(r[k] for r in rs) for k in rs[0]}
@@ -376,6 +412,20 @@ def main(argv: list[str] | None = None) -> int:
             "sql_bytes_per_token": round(sql_bytes(mem, params) / tokens),
         }
         result["memory"][str(size)] = entry
+    if batches:
+        single = median_of(runs[f"batch_{batches[0]}"])
+        result["batched"] = {
+            "memory_tokens": min(memories) if memories else 0,
+            **{
+                str(b): {
+                    **(rate := median_of(runs[f"batch_{b}"])),
+                    f"ratio_to_batch_{batches[0]}": round(
+                        rate["tokens_per_s"] / single["tokens_per_s"], 3
+                    ),
+                }
+                for b in batches
+            },
+        }
     memories.clear()
     checkpoints = [int(t) for t in args.turns.split(",") if t]
     if checkpoints:

@@ -178,3 +178,41 @@ def test_read_report_sums_mass_per_message_token_and_band() -> None:
         want = sum((v for (m, _), v in tokens.items() if m == seq), np.zeros(len(BANDS)))
         np.testing.assert_allclose(report.messages[seq], want)
     assert report.queries == 7 and report.layers == L and report.heads == 6
+
+
+def test_concurrent_turns_share_decoding_steps(engine_factory, sqlite_db: str) -> None:
+    """Three sessions chatting at once decode in shared forward passes (batches of 2 and 3 were
+    run) and say what each would have said alone; memory reads and commits stay per session."""
+    import threading
+
+    questions = ["Name a fruit.", "What is my cat called?", "Say hi in Spanish."]
+    alone = engine_factory(sqlite_db, window=128, decode_batch=1)
+    together = engine_factory(sqlite_db, window=128, decode_batch=4)
+    sids = {e: [] for e in (alone, together)}
+    for e in (alone, together):
+        for _ in questions:
+            sid = e.create_session()
+            e.import_messages(sid, _history())  # the cat fact goes to memory
+            sids[e].append(sid)
+    solo = [
+        "".join(alone.chat(s, q, max_new_tokens=10))
+        for s, q in zip(sids[alone], questions, strict=True)
+    ]
+    assert set(alone.batcher.batch_sizes) == {1}
+    replies: dict[int, str] = {}
+    start = threading.Barrier(len(questions))
+
+    def run(i: int) -> None:
+        start.wait()
+        replies[i] = "".join(together.chat(sids[together][i], questions[i], max_new_tokens=10))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(questions))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert [replies[i] for i in range(len(questions))] == solo
+    assert max(together.batcher.batch_sizes) >= 2, together.batcher.batch_sizes
+    for e in (alone, together):  # each session committed its own turn
+        for sid in sids[e]:
+            assert e.state(sid).turn == alone.state(sids[alone][0]).turn

@@ -227,3 +227,58 @@ def test_rope_into_equals_transformers_rotation_bit_for_bit() -> None:
     out = torch.full_like(x, float("nan"))
     rope_into(out, x, cos, sin)
     assert torch.equal(out, want)
+
+
+def test_a_batched_step_equals_one_step_per_sequence(lm: LoadedModel) -> None:
+    """`forward_batch`: three sequences of different lengths, one reading a memory, one an empty
+    memory, one none, stepped together equal each stepped alone (logits, hidden states, window
+    keys), and every window gains its token."""
+    from app.memory_llama import forward_batch
+    from memory_store import MemoryParams, SessionMemory
+
+    cfg = lm.model.config
+    h, dm = cfg.num_key_value_heads, cfg.hidden_size
+    texts = ["My cat is called Pumpkin and she sleeps all day.", "Hi!", "What is a haiku, then?"]
+    remembered = torch.tensor(lm.tokenizer.encode("The capital of Peru is Lima, said Ana."))
+    scratch = WindowCache(lm.model, 64)
+    seen = forward(lm.model, remembered, scratch, None, ReadConfig(knn_lambda=0.0))
+    memory = SessionMemory(cfg.num_hidden_layers, h, 64, dm, MemoryParams())
+    t = len(remembered)
+    ids = remembered.numpy().astype(np.int64)
+    memory.write(
+        scratch.keys[:, :, :t].float().numpy(),
+        scratch.values[:, :, :t].float().numpy(),
+        ids,
+        np.zeros(t, np.int64),
+        np.arange(t),
+    )
+    memory.write_knn(
+        seen.hidden.float().numpy(), np.append(ids[1:], 2), ids, np.zeros(t, np.int64), np.arange(t)
+    )
+    empty = SessionMemory(cfg.num_hidden_layers, h, 64, dm, MemoryParams())
+    memories = [memory, empty, None]
+    cfgs = [ReadConfig(collect_mass=True), ReadConfig(), ReadConfig(top_k=4)]
+    alone, together, last = [], [], []
+    for text in texts:
+        prompt = torch.tensor(lm.tokenizer.encode(text))
+        for group in (alone, together):
+            w = WindowCache(lm.model, 64, round_fp16=True)
+            out = forward(lm.model, prompt, w, None, ReadConfig())
+            group.append(w)
+        last.append(int(out.logits[-1].argmax()))
+    singles = [
+        forward(lm.model, torch.tensor([tok]), w, m, c)
+        for tok, w, m, c in zip(last, alone, memories, cfgs, strict=True)
+    ]
+    batched = forward_batch(lm.model, last, together, memories, cfgs)
+    for a, b, wa, wb in zip(singles, batched, alone, together, strict=True):
+        assert wa.length == wb.length
+        torch.testing.assert_close(b.logits, a.logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(b.hidden, a.hidden, atol=1e-4, rtol=1e-4)
+        # windows keep keys as float16 values: rounding may land one float16 step apart
+        diff = (wb.keys[:, :, : wb.length] - wa.keys[:, :, : wa.length]).abs()
+        assert diff.max().item() <= 2e-3 and (diff > 0).float().mean().item() < 1e-3
+    assert (
+        batched[0].memory_mass is not None and len(batched[0].memory_mass) == cfg.num_hidden_layers
+    )
+    assert batched[1].memory_mass is None and batched[0].read_seconds > 0

@@ -12,7 +12,8 @@ This file is the one place where the memory is read:
 The window's keys are kept *before* RoPE (``WindowCache``) so that tokens leaving the window go to
 memory exactly as the forward pass that first saw them computed them, and the window can be
 re-positioned after a slide by rotating again instead of re-encoding.
-Shapes leave out the batch dimension: one sequence at a time.
+Shapes leave out the batch dimension: one sequence at a time (`forward_batch` runs one decoding
+step of several sequences, their linear layers together).
 """
 
 from __future__ import annotations
@@ -449,8 +450,8 @@ def forward_batch(
             raise ValueError(f"window cache full: {w.length} + 1 > {w.capacity}")
     pasts = [w.length for w in windows]
     tables = [rope_tables(model, p, 1, model.dtype) for p in pasts]
-    cos = torch.cat([c for c, _ in tables])[:, None, :]  # (B, 1, D): broadcast over heads
-    sin = torch.cat([s for _, s in tables])[:, None, :]
+    cos = torch.cat([c for c, _ in tables])  # (B, D): one position per sequence
+    sin = torch.cat([s for _, s in tables])
     readers = [m if m is not None and m.entry_count() > 0 else None for m in memories]
     h = inner.embed_tokens(torch.tensor(tokens, dtype=torch.long))  # (B, Dm)
     read_s = [0.0] * n
@@ -460,8 +461,7 @@ def forward_batch(
         x = layer.input_layernorm(h)
         q, k, v = _project_qkv(attn, x, hq, h_kv, d)  # (Hq|H, B, D): the batch as "tokens"
         q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (B, Hq|H, D)
-        q_rot = q * cos + _rotate_half(q) * sin
-        k_rot = k * cos + _rotate_half(k) * sin
+        q_rot, k_rot = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)  # over the heads
         outs = []
         for b, w in enumerate(windows):
             p = pasts[b]
@@ -506,11 +506,6 @@ def forward_batch(
     for w in windows:  # only once every output exists: a failure leaves every window as it was
         w.commit_written(1)
     return results
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def _project_qkv(

@@ -2,10 +2,8 @@
 
 One *slot* per (layer, KV head) holds entries (pre-RoPE key, value, token/message ids, strength) and
 serves the attention read (top-k by inner product): up to ``exact_max`` entries by an exact scan of
-the slot's key column, above it by the slot's approximate FAISS index (IVF by default, see
-`VectorIndex`). The slots of a layer keep their columns in shared ``(heads, capacity, ...)`` arrays
-(`ColumnGroup`), so a decode step's exact read of a layer is one matmul, one top-k and one gather
-per column for all its heads. Beside the slots, a kNN-LM
+the slot's key column (one matmul per head, one top-k for all heads of the layer), above it by the
+slot's approximate FAISS index (IVF by default, see `VectorIndex`). Beside the slots, a kNN-LM
 store holds one entry per remembered token (final hidden state -> next token) for the output read.
 
 Entries live in parallel numpy columns (`ColumnTable`) in insertion order = ascending entry id, so
@@ -30,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from .columns import ColumnGroup, ColumnTable, Schema
+from .columns import ColumnTable, Schema
 from .errors import ShapeError
 from .index import VectorIndex
 from .params import MemoryParams
@@ -42,10 +40,6 @@ _MERGE_BLOCK = 256  # queries per block of the exact cosine scan (bounds its tem
 # so a decode step's read never wakes a second BLAS thread pool beside torch's.
 _SCORE_BLOCK = 1 << 22
 _GEMM_MNK = 1 << 18
-# Searches of at most this many queries per head (decode steps, short passes) read a layer's
-# heads together from their shared arrays; larger ones (history imports) go head by head in
-# blocks that bound the score buffer.
-_PACKED_MAX_QUERIES = 64
 
 
 # --- results -------------------------------------------------------------------------------------
@@ -244,8 +238,8 @@ def _common_schema() -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
 class EntryStore:
     """Entries of one slot (or of the kNN store) with their FAISS index and dirty tracking."""
 
-    def __init__(self, schema: Schema, index: VectorIndex, table: ColumnTable | None = None):
-        self.table = table if table is not None else ColumnTable(schema)
+    def __init__(self, schema: Schema, index: VectorIndex):
+        self.table = ColumnTable(schema)
         self.index = index
         # (ids, refs) of stored entries removed since the last save
         self.dropped: list[tuple[np.ndarray, np.ndarray]] = []
@@ -312,20 +306,13 @@ class EntryStore:
 class KeySlot(EntryStore):
     """One (layer, KV head): pre-RoPE keys (float32, fp16-rounded) and values (float16)."""
 
-    @staticmethod
-    def schema(head_dim: int) -> Schema:
-        """Columns of a key slot."""
+    def __init__(self, head_dim: int, params: MemoryParams):
         schema = _common_schema()
         schema.update(
             key=(np.dtype(np.float32), (head_dim,)),
             value=(np.dtype(np.float16), (head_dim,)),
             knorm=(np.dtype(np.float32), ()),  # |key|, cached for the merge test
         )
-        return schema
-
-    def __init__(self, head_dim: int, params: MemoryParams, table: ColumnTable | None = None):
-        """`table`: the slot's member of its layer's `ColumnGroup` (a table of its own if None)."""
-        schema = KeySlot.schema(head_dim)
         index = VectorIndex(
             head_dim,
             "ip",
@@ -337,7 +324,7 @@ class KeySlot(EntryStore):
             approx=params.approx_index,  # type: ignore[arg-type]  # checked by MemoryParams
             nprobe=params.ivf_nprobe,
         )
-        super().__init__(schema, index, table)
+        super().__init__(schema, index)
         self.head_dim = head_dim
         self.params = params
 
@@ -592,12 +579,8 @@ class SessionMemory:
         self.turn = 0
         self.next_id = 0  # next slot entry id (ids are never reused)
         self.next_knn_id = 0
-        # the KV heads of a layer share their column arrays: a decode step's read of a layer is
-        # one matmul and one gather per column (see `_search_packed`)
-        self.groups = [ColumnGroup(KeySlot.schema(head_dim), n_kv_heads) for _ in range(n_layers)]
         self.slots = [
-            [KeySlot(head_dim, self.params, table) for table in group.tables]
-            for group in self.groups
+            [KeySlot(head_dim, self.params) for _ in range(n_kv_heads)] for _ in range(n_layers)
         ]
         self.knn = KnnStore(hidden_dim, self.params)
         self.storage = StorageState()
@@ -646,10 +629,6 @@ class SessionMemory:
         H, Q, D = q.shape
         self.slot(layer, 0)  # IndexError outside the model
         slots = self.slots[layer]
-        if 0 < k and 0 < Q <= _PACKED_MAX_QUERIES and all(s.index.kind == "flat" for s in slots):
-            sizes = [len(s) for s in slots]
-            if max(sizes):
-                return self._search_packed(layer, sizes, q, k, with_keys)
         exact = [h for h, s in enumerate(slots) if len(s) and s.index.kind == "flat"]
         found = self._search_exact(slots, exact, q, k, with_keys) if k and Q and exact else None
         if found is not None and len(exact) == H and found.ids.shape[2] == k:
@@ -675,69 +654,6 @@ class SessionMemory:
             if out.keys is not None and found.keys is not None:
                 out.keys[exact, :, :kk] = found.keys
         return out
-
-    def _search_packed(
-        self, layer: int, sizes: list[int], q: np.ndarray, k: int, with_keys: bool
-    ) -> SearchResult:
-        """Exact top-k of every head of `layer` (all flat, `sizes` entries each, one at least) for
-        a few queries `q` [H, Q, D], reading the layer's shared column arrays: one matmul for the
-        scores of all heads, one `topk_rows`, one gather per column. Heads with fewer than k
-        entries get ids -1 (scores 0, log_strength -inf, zero vectors) past their entries."""
-        arrays = self.groups[layer].arrays
-        H, Q, D = q.shape
-        n = max(sizes)
-        kk = min(k, n)
-        groups, width = topk_layout(n, kk)
-        cap = arrays["key"].shape[1]
-        scores = np.empty((H, width, Q), dtype=np.float32)
-        # key-major scores against C-contiguous (D, Q) queries: BLAS's fast layout
-        qt = np.ascontiguousarray(q.transpose(0, 2, 1))
-        chunk = max(256, _GEMM_MNK // (Q * D))  # key rows per matmul: BLAS stays on this thread
-        for r0 in range(0, n, chunk):
-            r1 = min(n, r0 + chunk)
-            np.matmul(arrays["key"][:, r0:r1], qt, out=scores[:, r0:r1])
-        scores[:, n:] = -np.inf
-        short = [h for h in range(H) if sizes[h] < n]
-        for h in short:
-            scores[h, sizes[h] : n] = -np.inf  # spare rows of a shorter head
-        cols, top = topk_rows(scores.transpose(0, 2, 1).reshape(H * Q, width), kk, groups)
-        rows = cols.reshape(H, Q, kk)
-        flat = rows + (np.arange(H, dtype=np.int64) * cap)[:, None, None]
-
-        def gather(name: str) -> np.ndarray:
-            col = arrays[name]
-            return col.reshape(H * cap, *col.shape[2:]).take(flat, axis=0)
-
-        found = SearchResult(
-            ids=gather("id"),
-            scores=top.reshape(H, Q, kk),
-            log_strength=log_strength(
-                gather("s0"), gather("refreshed"), self.turn, self.params.decay
-            ),
-            values=gather("value").astype(np.float32),
-            keys=gather("key") if with_keys else None,
-        )
-        if short and min(sizes) < kk:
-            miss = rows >= np.asarray(sizes)[:, None, None]  # -inf padding was picked
-            if miss.any():
-                found.ids[miss], found.scores[miss], found.log_strength[miss] = -1, 0.0, -np.inf
-                found.values[miss] = 0.0
-                if found.keys is not None:
-                    found.keys[miss] = 0.0
-        if kk < k:  # every head holds fewer than k entries: pad to k like the other paths
-            pad = k - kk
-            found = SearchResult(
-                ids=np.pad(found.ids, ((0, 0), (0, 0), (0, pad)), constant_values=-1),
-                scores=np.pad(found.scores, ((0, 0), (0, 0), (0, pad))),
-                log_strength=np.pad(
-                    found.log_strength, ((0, 0), (0, 0), (0, pad)), constant_values=-np.inf
-                ),
-                values=np.pad(found.values, ((0, 0), (0, 0), (0, pad), (0, 0))),
-                keys=None
-                if found.keys is None
-                else np.pad(found.keys, ((0, 0), (0, 0), (0, pad), (0, 0))),
-            )
-        return found
 
     def _search_exact(
         self, slots: list[KeySlot], heads: list[int], q: np.ndarray, k: int, with_keys: bool

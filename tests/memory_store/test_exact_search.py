@@ -101,12 +101,7 @@ def _check_exact(mem: SessionMemory, rng: np.random.Generator, k: int, Q: int = 
             np.testing.assert_allclose(r.scores[h], np.where(frows >= 0, dist, 0), atol=1e-5)
 
 
-@pytest.mark.parametrize("packed", [True, False], ids=["packed", "per-head"])
-def test_exact_read_matches_brute_force_through_merges_and_evictions(
-    rng, monkeypatch, packed: bool
-) -> None:
-    if not packed:  # every search goes head by head
-        monkeypatch.setattr(store_mod, "_PACKED_MAX_QUERIES", 0)
+def test_exact_read_matches_brute_force_through_merges_and_evictions(rng) -> None:
     mem = SessionMemory(L, H, D, DM, MemoryParams(merge_threshold=0.9, decay=0.9, floor=0.5))
     _check_exact(mem, rng, 6)  # empty memory
     _fill(mem, rng, 3, 40)
@@ -131,40 +126,12 @@ def test_exact_read_matches_brute_force_through_merges_and_evictions(
     _check_exact(mem, rng, 16)
 
 
-def test_packed_read_equals_the_per_head_read(rng, monkeypatch) -> None:
-    """A layer's heads read together from their shared arrays give what the head-by-head path
-    gives, through the arrays' growth (appends) and shrinking (a large eviction)."""
-    mem = SessionMemory(L, H, D, DM, MemoryParams(merge_threshold=0.9, decay=0.5, floor=0.2))
-
-    def both(q: np.ndarray, k: int) -> None:
-        for layer in range(L):
-            packed = mem.search(layer, q, k)
-            monkeypatch.setattr(store_mod, "_PACKED_MAX_QUERIES", 0)
-            per_head = mem.search(layer, q, k)
-            monkeypatch.undo()
-            for name in ("ids", "log_strength", "values", "keys"):
-                np.testing.assert_array_equal(getattr(packed, name), getattr(per_head, name), name)
-            np.testing.assert_allclose(packed.scores, per_head.scores, rtol=1e-6, atol=1e-6)
-
-    for turns, T in ((1, 5), (2, 60), (3, 200)):  # head 2 stays small: heads of unequal size
-        _fill(mem, rng, turns, T)
-        for k in (1, 16, 500):
-            both(rng.standard_normal((H, 3, D)).astype(np.float32), k)
-    cap = mem.groups[0].capacity
-    mem.set_turn(mem.turn + 3)
-    _fill(mem, rng, 1, 20)  # the older turns fall below the floor: most entries go
-    assert mem.evict() > 0 and mem.groups[0].capacity < cap  # the shared arrays shrank
-    both(rng.standard_normal((H, 3, D)).astype(np.float32), 16)
-    _check_exact(mem, rng, 16, Q=3)
-
-
-@pytest.mark.parametrize("queries", [3, 80], ids=["packed", "per-head"])
-def test_exact_read_blocks_and_chunks(rng, monkeypatch, queries: int) -> None:
+def test_exact_read_blocks_and_chunks(rng, monkeypatch) -> None:
     """Query blocks (bounded score buffer) and row chunks (bounded matmuls) change nothing but
     rounding."""
     mem = SessionMemory(L, H, D, DM, MemoryParams(merge_threshold=2.0))
     _fill(mem, rng, 2, 400)
-    q = rng.standard_normal((H, queries, D)).astype(np.float32)  # 80: above the packed limit
+    q = rng.standard_normal((H, 50, D)).astype(np.float32)
     whole = mem.search(1, q, 16)
     monkeypatch.setattr(store_mod, "_SCORE_BLOCK", 1)  # one query per block
     monkeypatch.setattr(store_mod, "_GEMM_MNK", 1)  # 256 key rows per matmul

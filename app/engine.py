@@ -47,10 +47,16 @@ from memory_store.transfer import export_session, import_session
 
 ROLES = ("system", "user", "assistant")
 log = logging.getLogger("memchat.engine")
-# Whose tokens the output-level (kNN) read may copy into a reply by default. Leaving the
-# assistant's out changed no greedy reply of 51 recall cases (it matters only with the copy gate,
-# whose loops on "I've updated that." it stops) and cost one mc case of 60: all roles.
-KNN_ROLES = ("system", "user", "assistant")
+
+
+def single_threaded_search() -> None:
+    """Run the memory search on the calling thread (what the engine does; benchmarks too)."""
+    # The read searches a few queries at a time: FAISS's thread pool costs more than it saves
+    # (7x slower per search on 2 busy cores, measured).
+    faiss.omp_set_num_threads(1)
+    # Likewise numpy's BLAS (OpenBLAS), which the exact memory search uses: its threads wait
+    # for a busy core on every small product (10x slower at 5k keys x 3 queries, measured).
+    threadpoolctl.threadpool_limits(1, user_api="blas")
 
 
 class WindowTooSmall(ValueError):
@@ -149,6 +155,17 @@ class DecodeBatcher:
     ) -> ForwardOutput:
         """Run ``token`` after ``window`` reading ``memory``; the window gains the token."""
         req = _Step(window, memory, read, token)
+        if self.max_batch <= 1:
+            self._run([req])  # batching off: no queue, no lock
+        else:
+            self._lead_or_wait(req)
+        if req.error is not None:
+            raise req.error
+        assert req.result is not None
+        return req.result
+
+    def _lead_or_wait(self, req: _Step) -> None:
+        """Queue ``req`` and return once it is done: run batches while no other thread does."""
         with self._cond:
             self._queue.append(req)
             self._cond.notify_all()
@@ -163,7 +180,7 @@ class DecodeBatcher:
                     if left <= 0:
                         break
                     self._cond.wait(left)
-                batch = self._queue[: max(1, self.max_batch)]
+                batch = self._queue[: self.max_batch]
                 del self._queue[: len(batch)]
                 self._cond.release()
                 try:
@@ -172,10 +189,6 @@ class DecodeBatcher:
                     self._cond.acquire()
                     self._busy = False
                     self._cond.notify_all()
-        if req.error is not None:
-            raise req.error
-        assert req.result is not None
-        return req.result
 
     def _run(self, batch: list[_Step]) -> None:
         self.batch_sizes[len(batch)] = self.batch_sizes.get(len(batch), 0) + 1
@@ -392,7 +405,7 @@ class Engine:
         read: ReadConfig | None = None,
         max_new_tokens: int = 256,
         max_cached_sessions: int = 16,
-        knn_roles: tuple[str, ...] = KNN_ROLES,
+        knn_roles: tuple[str, ...] = ("system", "user", "assistant"),
         lock_timeout: float = 30.0,
         decode_batch: int = 4,
     ) -> None:
@@ -421,12 +434,7 @@ class Engine:
         )
         self.hidden_dim = cfg.hidden_size
         self.max_positions = int(getattr(cfg, "max_position_embeddings", 8192))
-        # The read searches a few queries at a time: FAISS's thread pool costs more than it saves
-        # (7x slower per search on 2 busy cores, measured).
-        faiss.omp_set_num_threads(1)
-        # Likewise numpy's BLAS (OpenBLAS), which the exact memory search uses: its threads wait
-        # for a busy core on every small product (10x slower at 5k keys x 3 queries, measured).
-        threadpoolctl.threadpool_limits(1, user_api="blas")
+        single_threaded_search()
 
     # ----- sessions -------------------------------------------------------------------------
     def create_session(

@@ -307,18 +307,14 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import LlamaForCausalLM
 
     from app.config import Settings
+    from app.engine import single_threaded_search
     from app.memory_llama import ReadConfig
     from app.model import load_model, resolve_model_dir
     from memory_store import MemoryParams, SessionMemory
 
     settings = Settings()
     torch.set_num_threads(args.threads)
-    # the engine's settings for the memory search (see app.engine.Engine): one BLAS / FAISS thread
-    import faiss
-    import threadpoolctl
-
-    faiss.omp_set_num_threads(1)
-    threadpoolctl.threadpool_limits(1, user_api="blas")
+    single_threaded_search()  # as the engine runs it
     formats = [f for f in args.formats.split(",") if f]
     models = {
         f: load_model(settings.model_path, settings.cache_dir, weights=f)
@@ -369,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         for size, (mem, _, _) in memories.items():
             runs[f"memory_{size}"].append(decode_rate(lm, mem, args.tokens, read))
         smallest = memories[min(memories)][0] if memories else None
-        for b in batches:  # one memory read by every session: each session reads its own copy
+        for b in batches:  # the sessions share one memory object: reads leave it unchanged
             runs[f"batch_{b}"].append(batched_rate(lm, [smallest] * b, args.tokens, read))
 
     def median_of(rs: list[dict[str, float]]) -> dict[str, float]:

@@ -55,7 +55,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     TRANSFORMERS_OFFLINE=1 \
     MEMCHAT_CACHE_DIR=/opt/memchat/cache \
     MEMCHAT_HOST=0.0.0.0 \
-    MEMCHAT_PORT=8000
+    MEMCHAT_PORT=8000 \
+    NUMBA_CACHE_DIR=/var/lib/memchat/.cache/numba
 RUN groupadd --system --gid 10001 memchat \
     && useradd --system --uid 10001 --gid memchat --home-dir /var/lib/memchat --create-home \
         --shell /usr/sbin/nologin memchat
@@ -68,7 +69,7 @@ COPY memory_store ./memory_store
 COPY app ./app
 COPY --chmod=0755 docker/entrypoint.sh docker/wait_for_db.py docker/healthcheck.py ./docker/
 # The code and the model are root's and read-only to the server; its working directory (an
-# SQLite file or a .env there, if used) is its own.
+# SQLite file or a .env there, if used, and numba's cache of compiled code) is its own.
 WORKDIR /var/lib/memchat
 USER 10001:10001
 EXPOSE 8000

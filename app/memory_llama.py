@@ -235,9 +235,11 @@ def _attend(
     memory: MemoryReader | None,
     layer: int,
     top_k: int,
+    want_mass: bool = True,
 ) -> tuple[torch.Tensor, np.ndarray | None, np.ndarray | None, float]:
     """`attend` with `memory` None or known to hold entries (`forward` checks once, not per
-    layer: counting a memory's entries visits each of its slots)."""
+    layer: counting a memory's entries visits each of its slots); the memory weights are
+    returned only `want_mass`."""
     hq, t, d = q.shape
     h, s, _ = k.shape
     g = hq // h  # query heads per KV head
@@ -270,20 +272,25 @@ def _attend(
     queries = qg.reshape(h, g * t, d).float().numpy()  # (H, g*T, D)
     found = memory.search(layer, queries, top_k, with_keys=False)  # ids, scores, strength, values
     kk = found.ids.shape[-1]
-    mem_scores = torch.from_numpy(found.scores).view(h, g, t, kk)  # (H, g, T, k) raw q.key
-    log_s = torch.from_numpy(found.log_strength).view(h, g, t, kk)  # -inf where no entry
-    mem_values = torch.from_numpy(found.values).view(h, g, t, kk, d).to(q.dtype)
+    # logits q.key / sqrt(d) + log strength (-inf where no entry), on the numpy side: a few
+    # numpy operations on arrays this small cost less than their torch equivalents
+    mem_logits = torch.from_numpy(found.scores * np.float32(scaling) + found.log_strength)
+    mem_values = torch.from_numpy(found.values).view(h, g, t, kk, d)
     read_s = time.perf_counter() - t0
 
-    mem_logits = (mem_scores * scaling + log_s).to(local.dtype)
+    fp32 = q.dtype == torch.float32  # conversions only for other model dtypes
+    mem_logits = mem_logits.view(h, g, t, kk) if fp32 else mem_logits.view(h, g, t, kk).to(q.dtype)
     weights = torch.softmax(torch.cat([local, mem_logits], dim=-1), dim=-1, dtype=torch.float32)
-    w_local, w_mem = weights[..., :s].to(q.dtype), weights[..., s:].to(q.dtype)
+    w_local, w_mem = weights[..., :s], weights[..., s:]
+    if not fp32:
+        w_local, w_mem, mem_values = w_local.to(q.dtype), w_mem.to(q.dtype), mem_values.to(q.dtype)
     # the memory term as a broadcast product: a batched matmul of this size would open a thread
     # pool region per layer, which costs more than the product itself when decoding
     out = torch.matmul(w_local.reshape(h, g * t, s), v).view(h, g, t, d)
     out += (w_mem.unsqueeze(-1) * mem_values).sum(-2)
     out = out.reshape(hq, t, d).transpose(0, 1).reshape(t, hq * d)
-    return out, found.ids, w_mem.reshape(h, g * t, kk).float().numpy(), read_s
+    mass = w_mem.reshape(h, g * t, kk).float().numpy() if want_mass else None
+    return out, found.ids, mass, read_s
 
 
 def knn_mix(
@@ -385,7 +392,7 @@ def forward(
             k_all = torch.cat([window.keys_rot[layer_idx, :, :past], k_rot], dim=1)
             v_all = torch.cat([window.values[layer_idx, :, :past], v], dim=1)
         attn_out, ids, w_mem, secs = _attend(
-            q_rot, k_all, v_all, scaling, past, reader, layer_idx, cfg.top_k
+            q_rot, k_all, v_all, scaling, past, reader, layer_idx, cfg.top_k, cfg.collect_mass
         )
         read_s += secs
         if cfg.collect_mass and ids is not None and w_mem is not None:
@@ -477,6 +484,7 @@ def forward_batch(
                 readers[b],
                 layer_idx,
                 cfgs[b].top_k,
+                cfgs[b].collect_mass,
             )
             outs.append(out_b)
             read_s[b] += secs

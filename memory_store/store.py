@@ -31,6 +31,7 @@ import numpy.typing as npt
 from .columns import ColumnTable, Schema
 from .errors import ShapeError
 from .index import VectorIndex
+from .kernels import F16_TO_F32, search_heads
 from .params import MemoryParams
 
 _TINY = np.float32(1e-12)  # norm guard for the cosine of an all-zero key
@@ -40,6 +41,10 @@ _MERGE_BLOCK = 256  # queries per block of the exact cosine scan (bounds its tem
 # so a decode step's read never wakes a second BLAS thread pool beside torch's.
 _SCORE_BLOCK = 1 << 22
 _GEMM_MNK = 1 << 18
+# Exact reads of at most this many queries per head (decoding steps: the query heads of a KV group)
+# run as one compiled call per layer (`kernels.search_heads`); larger ones as BLAS matmuls.
+_KERNEL_MAX_QUERIES = 8
+_NO_KEYS = np.zeros((0, 0, 0, 0), dtype=np.float32)
 
 
 # --- results -------------------------------------------------------------------------------------
@@ -629,6 +634,8 @@ class SessionMemory:
         H, Q, D = q.shape
         self.slot(layer, 0)  # IndexError outside the model
         slots = self.slots[layer]
+        if 0 < k and 0 < Q <= _KERNEL_MAX_QUERIES and all(s.index.kind == "flat" for s in slots):
+            return self._search_kernel(slots, q, k, with_keys)
         exact = [h for h, s in enumerate(slots) if len(s) and s.index.kind == "flat"]
         found = self._search_exact(slots, exact, q, k, with_keys) if k and Q and exact else None
         if found is not None and len(exact) == H and found.ids.shape[2] == k:
@@ -654,6 +661,42 @@ class SessionMemory:
             if out.keys is not None and found.keys is not None:
                 out.keys[exact, :, :kk] = found.keys
         return out
+
+    def _search_kernel(
+        self, slots: list[KeySlot], q: np.ndarray, k: int, with_keys: bool
+    ) -> SearchResult:
+        """Exact top-k of every slot of a layer (all flat) for a few queries `q` [H, Q, D], in one
+        compiled call (`kernels.search_heads`); places past a slot's entries are misses."""
+        H, Q, D = q.shape
+        ids = np.empty((H, Q, k), dtype=np.int64)
+        scores = np.empty((H, Q, k), dtype=np.float32)
+        log_s = np.empty((H, Q, k), dtype=np.float32)
+        values = np.empty((H, Q, k, D), dtype=np.float32)
+        keys = np.empty((H, Q, k, D), dtype=np.float32) if with_keys else _NO_KEYS
+        cols = [s.table.col for s in slots]
+        search_heads(
+            tuple(c("key") for c in cols),
+            tuple(c("id") for c in cols),
+            tuple(c("s0") for c in cols),
+            tuple(c("refreshed") for c in cols),
+            tuple(c("value").view(np.uint16) for c in cols),
+            F16_TO_F32,
+            q,
+            self.turn,
+            math.log(self.params.decay),
+            ids,
+            scores,
+            log_s,
+            values,
+            keys,
+        )
+        return SearchResult(
+            ids=ids,
+            scores=scores,
+            log_strength=log_s,
+            values=values,
+            keys=keys if with_keys else None,
+        )
 
     def _search_exact(
         self, slots: list[KeySlot], heads: list[int], q: np.ndarray, k: int, with_keys: bool

@@ -66,8 +66,9 @@ class ReadConfig:
 
 @dataclass
 class LayerMass:
-    """Attention mass the memory entries of one layer received, summed over the query heads of
-    each group and over the query tokens: ``ids[h]`` and ``mass[h]`` per KV head ``h``."""
+    """Attention mass the memory entries of one layer received from the query heads of each group
+    and the query tokens: ``ids[h]`` and ``mass[h]`` per KV head ``h``. An id may appear more
+    than once (its mass is the sum); reads of many queries are summed per distinct id."""
 
     ids: list[np.ndarray]
     mass: list[np.ndarray]
@@ -543,12 +544,22 @@ def _mlp(mlp: Any, x: torch.Tensor) -> torch.Tensor:
     return mlp.down_proj(mlp.act_fn(gate) * up)
 
 
+_MASS_SUM_MIN = 1024  # weights per head from which `_sum_mass` sums per distinct id
+
+
 def _sum_mass(ids: np.ndarray, weights: np.ndarray) -> LayerMass:
-    """Sum the weights (H, Q, k) each distinct memory id received, per KV head."""
+    """The weights (H, Q, k) memory ids received, per KV head, without the misses (id -1);
+    summed per distinct id when there are many (a prefill). A decoding step's few are kept as
+    they are: its consumers sum repeats anyway, and a sort per head and layer per decoded token
+    was 4% of a turn."""
     out_ids, out_mass = [], []
     for head in range(ids.shape[0]):
         flat_ids = ids[head].ravel()
         keep = flat_ids >= 0
+        if len(flat_ids) < _MASS_SUM_MIN:
+            out_ids.append(flat_ids[keep])
+            out_mass.append(weights[head].ravel()[keep].astype(np.float32))
+            continue
         uniq, inverse = np.unique(flat_ids[keep], return_inverse=True)
         out_ids.append(uniq.astype(np.int64))
         out_mass.append(

@@ -188,11 +188,21 @@ def llama_cpp_rate(prompt: list[int], n_tokens: int, threads: int) -> dict[str, 
     }
 
 
+# The timed turns, the same at every checkpoint: requests for long replies, so that each one
+# decodes the full --reply-tokens and turns differ by their context, not their length (a reply to
+# a corpus sentence may stop after 5 tokens or run to the limit).
+_TIMED_PROMPTS = (
+    "Write a long story about a lighthouse keeper and a storm.",
+    "Describe, in many sentences, how bread is baked from flour to loaf.",
+    "Tell me a long tale about a fox who learns to sail.",
+)
+
+
 def turn_latency(
     lm: Any, checkpoints: list[int], window: int, reply_tokens: int, seed: int = 0
 ) -> dict[str, Any]:
     """One conversation through the engine (SQLite, the service's memory defaults): history
-    imported up to each checkpoint, then three real turns timed there."""
+    imported up to each checkpoint, then three real turns timed there (`_TIMED_PROMPTS`)."""
     import resource
 
     from app.db import make_sessionmaker
@@ -225,17 +235,19 @@ def turn_latency(
                 engine.import_messages(sid, history[i : i + 100])
             import_s = time.perf_counter() - t0
             turn += len(history) // 2
-            times = []
-            for _ in range(3):
-                t = engine.chat(sid, rng.choice(corpus), max_new_tokens=reply_tokens)
+            times, replies = [], []
+            for prompt in _TIMED_PROMPTS:
+                t = engine.chat(sid, prompt, max_new_tokens=reply_tokens)
                 "".join(t)
                 assert t.stats is not None
                 times.append(t.stats.seconds)
+                replies.append(t.stats.completion_tokens)
                 writes.append(t.stats.memory_write_seconds)
                 turn += 1
             st = engine.state(sid)
             out["at"][str(point)] = {
                 "turn_seconds": round(statistics.median(times), 4),
+                "reply_tokens": replies,
                 "memory_tokens": st.memory.token_count(),
                 "memory_entries": st.memory.entry_count(),
                 "import_seconds": round(import_s, 1),

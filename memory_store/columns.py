@@ -7,11 +7,13 @@ rows.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 
 import numpy as np
 
 Schema = Mapping[str, tuple[np.dtype, tuple[int, ...]]]  # name -> (dtype, shape of one row)
+_versions = itertools.count(1)  # shared by all tables: a version names one table's one state
 
 
 class ColumnTable:
@@ -20,6 +22,9 @@ class ColumnTable:
     def __init__(self, schema: Schema, capacity: int = 0):
         self.schema = dict(schema)
         self.n = 0
+        # changes whenever the views `col` returns would change (rows added or removed, buffers
+        # reallocated): views kept under a version stay valid while it holds
+        self.version = next(_versions)
         self._buf = {
             name: np.zeros((capacity, *shape), dtype=dt)
             for name, (dt, shape) in self.schema.items()
@@ -48,6 +53,7 @@ class ColumnTable:
             assert len(x) == m, (name, len(x), m)
             self._buf[name][self.n : self.n + m] = x
         self.n += m
+        self.version = next(_versions)
 
     def keep(self, mask: np.ndarray) -> None:
         """Keep the rows where `mask` is True, in order."""
@@ -59,6 +65,7 @@ class ColumnTable:
         for buf in self._buf.values():
             buf[first:m] = buf[first : self.n][mask[first:]]
         self.n = m
+        self.version = next(_versions)
         if self.capacity > 4 * max(self.n, 64):  # give memory back after a large eviction
             self._resize(max(self.n, 64))
 
@@ -76,3 +83,4 @@ class ColumnTable:
             new = np.zeros((cap, *buf.shape[1:]), dtype=buf.dtype)
             new[: self.n] = buf[: self.n]
             self._buf[name] = new
+        self.version = next(_versions)

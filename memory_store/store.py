@@ -589,6 +589,10 @@ class SessionMemory:
         ]
         self.knn = KnnStore(hidden_dim, self.params)
         self.storage = StorageState()
+        # layer -> (versions of its slots' tables, their column views): see `_search_kernel`
+        self._kernel_columns: dict[
+            int, tuple[tuple[int, ...], tuple[tuple[np.ndarray, ...], ...]]
+        ] = {}
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -635,7 +639,7 @@ class SessionMemory:
         self.slot(layer, 0)  # IndexError outside the model
         slots = self.slots[layer]
         if 0 < k and 0 < Q <= _KERNEL_MAX_QUERIES and all(s.index.kind == "flat" for s in slots):
-            return self._search_kernel(slots, q, k, with_keys)
+            return self._search_kernel(layer, q, k, with_keys)
         exact = [h for h, s in enumerate(slots) if len(s) and s.index.kind == "flat"]
         found = self._search_exact(slots, exact, q, k, with_keys) if k and Q and exact else None
         if found is not None and len(exact) == H and found.ids.shape[2] == k:
@@ -662,24 +666,40 @@ class SessionMemory:
                 out.keys[exact, :, :kk] = found.keys
         return out
 
-    def _search_kernel(
-        self, slots: list[KeySlot], q: np.ndarray, k: int, with_keys: bool
-    ) -> SearchResult:
-        """Exact top-k of every slot of a layer (all flat) for a few queries `q` [H, Q, D], in one
+    def _search_kernel(self, layer: int, q: np.ndarray, k: int, with_keys: bool) -> SearchResult:
+        """Exact top-k of every slot of `layer` (all flat) for a few queries `q` [H, Q, D], in one
         compiled call (`kernels.search_heads`); places past a slot's entries are misses."""
+        slots = self.slots[layer]
         H, Q, D = q.shape
         ids = np.empty((H, Q, k), dtype=np.int64)
         scores = np.empty((H, Q, k), dtype=np.float32)
         log_s = np.empty((H, Q, k), dtype=np.float32)
         values = np.empty((H, Q, k, D), dtype=np.float32)
         keys = np.empty((H, Q, k, D), dtype=np.float32) if with_keys else _NO_KEYS
-        cols = [s.table.col for s in slots]
+        # the slots' column views, kept while no slot of the layer changed (a decoding step reads
+        # each layer once per token; building them is a tenth of the read of a small memory)
+        versions = tuple(s.table.version for s in slots)
+        cached = self._kernel_columns.get(layer)
+        if cached is None or cached[0] != versions:
+            cols = [s.table.col for s in slots]
+            cached = (
+                versions,
+                (
+                    tuple(c("key") for c in cols),
+                    tuple(c("id") for c in cols),
+                    tuple(c("s0") for c in cols),
+                    tuple(c("refreshed") for c in cols),
+                    tuple(c("value").view(np.uint16) for c in cols),
+                ),
+            )
+            self._kernel_columns[layer] = cached
+        key_cols, id_cols, s0_cols, refreshed_cols, value_cols = cached[1]
         search_heads(
-            tuple(c("key") for c in cols),
-            tuple(c("id") for c in cols),
-            tuple(c("s0") for c in cols),
-            tuple(c("refreshed") for c in cols),
-            tuple(c("value").view(np.uint16) for c in cols),
+            key_cols,
+            id_cols,
+            s0_cols,
+            refreshed_cols,
+            value_cols,
             F16_TO_F32,
             q,
             self.turn,

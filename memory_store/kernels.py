@@ -16,10 +16,28 @@ import numpy as np
 
 # Reassociation lets LLVM vectorize the dot products; no 'ninf'/'nnan': -inf marks empty places.
 _FASTMATH = {"reassoc", "contract"}
-# float16 bits -> float32 (numba has no float16): one lookup per value element, exact
-F16_TO_F32 = (
-    np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
-)
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def f16_to_f32_bits(h):  # type: ignore[no-untyped-def]  # numba compiles it
+    """The float32 bits of the float16 of bits `h` (numba has no float16), exactly: normal,
+    subnormal, zero, inf and NaN. Integer operations only (a lookup table in RAM was cold by
+    the time each layer's read came, and cost more than the scan)."""
+    h = np.uint32(h)
+    sign = (h & np.uint32(0x8000)) << np.uint32(16)
+    e = np.int32((h >> np.uint32(10)) & np.uint32(0x1F))
+    m = h & np.uint32(0x3FF)
+    if e == 31:
+        return sign | np.uint32(0x7F800000) | (m << np.uint32(13))
+    if e == 0:
+        if m == 0:
+            return sign
+        e = np.int32(1)
+        while (m & np.uint32(0x400)) == 0:  # subnormal: normalize
+            m <<= np.uint32(1)
+            e -= 1
+        m &= np.uint32(0x3FF)
+    return sign | (np.uint32(e + 112) << np.uint32(23)) | (m << np.uint32(13))
 
 
 @nb.njit(cache=True, nogil=True)
@@ -64,14 +82,13 @@ def search_heads(  # type: ignore[no-untyped-def]  # numba compiles it; arrays t
     s0,  # tuple of H float32 [n_h]
     refreshed,  # tuple of H int32 [n_h]
     values,  # tuple of H uint16 [n_h, D]: float16 bits
-    f16_table,  # F16_TO_F32
     q,  # float32 [H, Q, D]
     turn,  # int
     log_decay,  # float
     out_ids,  # int64 [H, Q, k]
     out_scores,  # float32 [H, Q, k]
     out_log_strength,  # float32 [H, Q, k]
-    out_values,  # float32 [H, Q, k, D]
+    out_values,  # uint32 [H, Q, k, D]: the bits of float32 values
     out_keys,  # float32 [H, Q, k, D], or [0, 0, 0, 0] for none
 ):
     """Exact top-k by inner product of each head's keys for its queries, and the hits' ids,
@@ -108,7 +125,7 @@ def search_heads(  # type: ignore[no-untyped-def]  # numba compiles it; arrays t
                     out_scores[h, g, j] = 0.0
                     out_log_strength[h, g, j] = -np.inf
                     for d in range(D):  # element loops: slice assignments cost 10x here
-                        out_values[h, g, j, d] = 0.0
+                        out_values[h, g, j, d] = 0
                     if want_keys:
                         for d in range(D):
                             out_keys[h, g, j, d] = 0.0
@@ -122,7 +139,7 @@ def search_heads(  # type: ignore[no-untyped-def]  # numba compiles it; arrays t
                 ls += np.float64(turn - refh[r]) * log_decay
                 out_log_strength[h, g, j] = np.float32(ls)
                 for d in range(D):
-                    out_values[h, g, j, d] = f16_table[vh[r, d]]
+                    out_values[h, g, j, d] = f16_to_f32_bits(vh[r, d])
                 if want_keys:
                     for d in range(D):
                         out_keys[h, g, j, d] = kh[r, d]
@@ -142,7 +159,7 @@ def compile_search(n_heads: int) -> None:
         np.zeros((n_heads, 1, 1), np.int64),
         np.zeros((n_heads, 1, 1), np.float32),
         np.zeros((n_heads, 1, 1), np.float32),
-        np.zeros((n_heads, 1, 1, 1), np.float32),
+        np.zeros((n_heads, 1, 1, 1), np.uint32),
         np.zeros((0, 0, 0, 0), np.float32),
     )
-    search_heads(*empty, F16_TO_F32, np.zeros((n_heads, 1, 1), np.float32), 0, 0.0, *out)
+    search_heads(*empty, np.zeros((n_heads, 1, 1), np.float32), 0, 0.0, *out)

@@ -31,7 +31,7 @@ import numpy.typing as npt
 from .columns import ColumnTable, Schema
 from .errors import ShapeError
 from .index import VectorIndex
-from .kernels import F16_TO_F32, search_heads
+from .kernels import search_heads
 from .params import MemoryParams
 
 _TINY = np.float32(1e-12)  # norm guard for the cosine of an all-zero key
@@ -700,14 +700,13 @@ class SessionMemory:
             s0_cols,
             refreshed_cols,
             value_cols,
-            F16_TO_F32,
             q,
             self.turn,
             math.log(self.params.decay),
             ids,
             scores,
             log_s,
-            values,
+            values.view(np.uint32),  # written as float32 bits
             keys,
         )
         return SearchResult(

@@ -194,3 +194,22 @@ def test_kernel_and_blas_reads_agree_and_ties_go_to_the_older_entry(rng, monkeyp
     for g in range(2):
         order = np.argsort(-scores[:, g], kind="stable")[:16]  # equal scores: lower row first
         np.testing.assert_array_equal(r.ids[0, g], tied.slots[0][0].col("id")[order])
+
+
+def test_kernel_float16_conversion_is_exact_for_every_bit_pattern() -> None:
+    import numba
+
+    from memory_store.kernels import f16_to_f32_bits
+
+    @numba.njit
+    def convert(bits: np.ndarray, out: np.ndarray) -> None:
+        for i in range(bits.shape[0]):
+            out[i] = f16_to_f32_bits(bits[i])
+
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    out = np.empty(1 << 16, dtype=np.uint32)
+    convert(bits, out)
+    want = bits.view(np.float16).astype(np.float32)
+    nan = np.isnan(want)
+    np.testing.assert_array_equal(out[~nan], want.view(np.uint32)[~nan])  # zeros, subnormals, inf
+    assert np.isnan(out.view(np.float32)[nan]).all()

@@ -1168,7 +1168,9 @@ class Engine:
     def _end_turn(self, st: SessionState, queries: int = 0) -> None:
         """Reinforce what was read, note which messages it came from, evict under the budget."""
         read = {
-            key: (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+            key: st.memory.mass_by_entry(
+                *key, np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+            )
             for key, parts in st.mass.items()
         }
         st.last_read = self._report(st, read, queries)
@@ -1205,18 +1207,22 @@ class Engine:
             return report
         msg, pos, tok, band, w = (np.concatenate(c) for c in cols)
         # one row per (message, position) and band, summed: a few thousand rows at most, however
-        # many (layer, head) slots and reads there were
-        tkeys, tinv = np.unique(np.stack([msg, pos], axis=1), axis=0, return_inverse=True)
-        tinv = tinv.ravel()
-        per_token = np.zeros((len(tkeys), len(BANDS)))
-        np.add.at(per_token, (tinv, band), w)
+        # many (layer, head) slots and reads there were. (message, position) as one int64 key
+        # and sums by bincount: a 2-column unique and np.add.at took a third of a turn's upkeep.
+        nb = len(BANDS)
+        tkeys, tinv = np.unique((msg << 32) | pos, return_inverse=True)  # pos < 2**31
+        per_token = np.bincount(tinv * nb + band, weights=w, minlength=len(tkeys) * nb)
+        per_token = per_token.reshape(len(tkeys), nb)
         tok_of = np.empty(len(tkeys), dtype=np.int64)
         tok_of[tinv] = tok
-        mkeys, minv = np.unique(tkeys[:, 0], return_inverse=True)
-        per_message = np.zeros((len(mkeys), len(BANDS)))
-        np.add.at(per_message, minv.ravel(), per_token)
+        tmsg, tpos = tkeys >> 32, tkeys & 0xFFFFFFFF
+        mkeys, minv = np.unique(tmsg, return_inverse=True)
+        per_message = np.stack(
+            [np.bincount(minv, weights=per_token[:, b], minlength=len(mkeys)) for b in range(nb)],
+            axis=1,
+        )
         report.messages.update(zip(mkeys.tolist(), per_message, strict=True))
-        pairs = list(zip(tkeys[:, 0].tolist(), tkeys[:, 1].tolist(), strict=True))
+        pairs = list(zip(tmsg.tolist(), tpos.tolist(), strict=True))
         report.tokens.update(zip(pairs, per_token, strict=True))
         report.token_ids.update(zip(pairs, tok_of.tolist(), strict=True))
         return report

@@ -902,6 +902,23 @@ class SessionMemory:
         """Approximate RAM of the stored arrays and the FAISS indexes."""
         return sum(s.nbytes() for s in self.stores())
 
+    def mass_by_entry(
+        self, layer: int, head: int, ids: npt.ArrayLike, mass: npt.ArrayLike
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Attention `mass` summed per entry of slot (layer, head): (ids ascending, float64 sums)
+        of the live entries among `ids` (repeats summed; -1 and evicted ids dropped). By row
+        counts, not a sort: a turn's reads repeat each entry many times."""
+        slot = self.slot(layer, head)
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        mass = np.asarray(mass, dtype=np.float64).ravel()
+        if len(slot) == 0 or len(ids) == 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
+        rows, present = slot.rows_of(ids)
+        rows = rows[present]
+        total = np.bincount(rows, weights=mass[present], minlength=len(slot))
+        hit = np.flatnonzero(np.bincount(rows, minlength=len(slot)))
+        return slot.col("id")[hit], total[hit]
+
     def entry_info(
         self, layer: int, head: int, ids: npt.ArrayLike
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

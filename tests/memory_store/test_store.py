@@ -331,3 +331,17 @@ def test_nearest_cosine_matches_brute_force(rng):
     sims = unit @ (keys / np.linalg.norm(keys, axis=1, keepdims=True)).T
     np.testing.assert_array_equal(best, sims.argmax(axis=1))
     np.testing.assert_allclose(cos, sims.max(axis=1), rtol=1e-5, atol=1e-6)
+
+
+def test_mass_by_entry_sums_repeats_and_drops_missing_ids(rng):
+    mem = make(merge_threshold=NO_MERGE)
+    write(mem, rng.standard_normal((L, H, 30, D)).astype(np.float32))
+    live = mem.slots[1][0].col("id")
+    ids = np.concatenate([rng.choice(live, 200), [-1, -1, live.max() + 5]])  # misses, unknown id
+    mass = rng.random(len(ids))
+    got_ids, got = mem.mass_by_entry(1, 0, ids, mass)
+    keep = np.isin(ids, live)
+    want_ids, inv = np.unique(ids[keep], return_inverse=True)
+    np.testing.assert_array_equal(got_ids, want_ids)
+    np.testing.assert_allclose(got, np.bincount(inv, weights=mass[keep]))
+    assert mem.mass_by_entry(1, 0, np.zeros(0, np.int64), np.zeros(0))[0].size == 0

@@ -346,6 +346,15 @@ def test_errors(sqlite_server: str, lm: LoadedModel) -> None:
                 n=3,
             )
         assert e.value.response.json()["error"]["param"] == "n"
+        # a new named session whose first turn the engine refuses (too long for the 128-token
+        # window) is not left behind
+        with pytest.raises(openai.UnprocessableEntityError) as bad:
+            client.chat.completions.create(
+                model=lm.name,
+                messages=[{"role": "user", "content": "tell me more " * 80}],
+                extra_headers={"X-Session-Id": "dave"},
+            )
+        assert bad.value.response.json()["error"]["code"] == "window_too_small"
     # a refused request creates nothing
     assert sessions_total(base) == 0
 

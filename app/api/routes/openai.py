@@ -66,19 +66,20 @@ def _open_session(
     caller: Caller,
     name: str | None,
     body: oa.ChatCompletionRequest,
-) -> tuple[str, bool]:
-    """The caller's session the request talks to, and whether it is a throwaway one. A new
-    session gets the request's system messages as its prompt and the messages before the last
-    as history, in the transaction that creates it. A named one counts against the tenant's
-    session quota; a throwaway one (deleted after its turn) does not."""
+) -> tuple[str, bool, bool]:
+    """The caller's session the request talks to, whether it is a throwaway one, and whether
+    this request created it. A new session gets the request's system messages as its prompt
+    and the messages before the last as history, in the transaction that creates it. A named
+    one counts against the tenant's session quota; a throwaway one (deleted after its turn)
+    does not."""
     if name:
         with db() as s:
             row = s.get(ChatSession, name)
             if row is not None and row.tenant_id == caller.tenant_id:
-                return name, False
+                return name, False, False
         found = engine.find_session(name, caller.tenant_id)
         if found is not None:
-            return found, False
+            return found, False, False
         check_session_quota(db, settings, caller.tenant_id)
     system = [m.text() for m in body.messages if m.memchat_role() == "system"]
     options = SessionOptions(system_prompt="\n\n".join(system) if system else None)
@@ -88,11 +89,12 @@ def _open_session(
         if m.memchat_role() != "system"
     ]
     if name:
-        sid, _ = engine.session_for_name(name, options, history, tenant_id=caller.tenant_id)
-        return sid, False
-    return engine.create_session(
+        sid, created = engine.session_for_name(name, options, history, tenant_id=caller.tenant_id)
+        return sid, False, created
+    sid = engine.create_session(
         title="(stateless request)", options=options, history=history, tenant_id=caller.tenant_id
-    ), True
+    )
+    return sid, True, True
 
 
 @router.post(
@@ -112,7 +114,7 @@ async def chat_completions(
     """OpenAI's chat completion, streamed (``chat.completion.chunk`` events, ``[DONE]``) or
     not, over a memchat session."""
     _check(body, settings)
-    sid, throwaway = await run_in_threadpool(
+    sid, throwaway, new_session = await run_in_threadpool(
         _open_session, engine, db, settings, caller, x_session_id or body.user, body
     )
     try:
@@ -128,7 +130,8 @@ async def chat_completions(
         worker = ThreadedTurn(turn)
         first = await worker.next()
     except BaseException:
-        if throwaway:
+        # a refused turn (e.g. a message too long for the window) leaves no session it created
+        if new_session:
             await _discard(engine, sid, None)
         raise
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), engine.lm.name

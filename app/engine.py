@@ -635,10 +635,9 @@ class Engine:
             with self._turn_guard(st):
                 if entry is not None:
                     self._drop_from_window(st, [entry])
-                sizes = [len(s) for s in st.memory.stores()]
                 removed = st.memory.forget_message(message_id)
                 st.forgotten.append(message_id)
-                _scrub(st, sizes, {message_id})
+                _scrub(st, {message_id})
                 self._commit(st)
                 return removed
 
@@ -651,9 +650,8 @@ class Engine:
                 dropped = [e for e in st.entries if not e.pinned]
                 self._drop_from_window(st, dropped)
                 st.forgotten.extend(e.seq for e in dropped)
-                sizes = [len(s) for s in st.memory.stores()]
                 removed = st.memory.forget_all()
-                _scrub(st, sizes, None)
+                _scrub(st, None)
                 with self.db() as db:
                     st.forgotten += db.scalars(
                         select(Message.seq).where(
@@ -1314,27 +1312,10 @@ class Engine:
         st.forgotten.clear()
 
 
-def _scrub(st: SessionState, sizes: list[int], forgotten: set[int] | None) -> None:
+def _scrub(st: SessionState, forgotten: set[int] | None) -> None:
     """After forgetting (the messages ``forgotten``, None: everything), leave no copy of what was
-    forgotten: in RAM, the stores' spare buffer rows, FAISS graphs that keep removed vectors as
-    tombstones, the window buffers past the live tokens and the last-read report; in SQL, the
-    chunk rows that still hold forgotten payloads next to live ones (their live entries are
-    written again, so the next save deletes those rows). ``sizes``: each store's length before."""
-    stores = st.memory.stores()
-    dirty: list[int] = []  # chunk refs that hold payloads of forgotten entries
-    for store, before in zip(stores, sizes, strict=True):
-        for _ids, refs in store.dropped:
-            dirty.extend(refs.tolist())
-        table = store.table
-        for buf in table._buf.values():
-            buf[table.n :] = 0  # compaction leaves removed rows past the live ones
-        if len(store) < before:
-            store.index.resync(len(store))  # rebuilt from the live rows when next searched
-    if dirty:
-        refs = np.unique(np.asarray(dirty, dtype=np.int64))
-        for store in stores:
-            ref = store.col("ref")
-            store.col("put")[np.isin(ref, refs)] = True
+    forgotten outside the memory (which scrubs itself: `SessionMemory.forget_message`): the
+    window buffers past the live tokens and the last-read report."""
     cache = st.cache
     for t in (cache.keys, cache.values, cache.keys_rot):
         t[:, :, cache.length :] = 0  # dropping a range leaves its old tail behind

@@ -69,6 +69,11 @@ class ColumnTable:
         if self.capacity > 4 * max(self.n, 64):  # give memory back after a large eviction
             self._resize(max(self.n, 64))
 
+    def zero_spare(self) -> None:
+        """Zero the buffer rows past the live ones (removed rows are left there by `keep`)."""
+        for buf in self._buf.values():
+            buf[self.n :] = 0
+
     def nbytes(self) -> int:
         """Bytes held by the buffers (live rows and spare capacity)."""
         return sum(buf.nbytes for buf in self._buf.values())

@@ -877,12 +877,39 @@ class SessionMemory:
         return sum(s.evict(self.turn, self.params) for s in self.stores())
 
     def forget_message(self, message_id: int) -> int:
-        """Remove every entry of `message_id` (all slots and kNN); returns how many."""
-        return sum(s.forget_message(int(message_id)) for s in self.stores())
+        """Remove every entry of `message_id` (all slots and kNN), leaving no copy of it (see
+        `_scrub`); returns how many."""
+        sizes = [len(s) for s in self.stores()]
+        removed = sum(s.forget_message(int(message_id)) for s in self.stores())
+        self._scrub(sizes)
+        return removed
 
     def forget_all(self) -> int:
-        """Remove every entry; returns how many."""
-        return sum(s.forget_all() for s in self.stores())
+        """Remove every entry, leaving no copy (see `_scrub`); returns how many."""
+        sizes = [len(s) for s in self.stores()]
+        removed = sum(s.forget_all() for s in self.stores())
+        self._scrub(sizes)
+        return removed
+
+    def _scrub(self, sizes: list[int]) -> None:
+        """After forgetting, no copy of what was forgotten stays: compaction leaves removed rows
+        in the spare buffer rows past the live ones (zeroed), FAISS graphs keep removed vectors
+        as tombstones (indexes that shrank are rebuilt from the live rows when next searched),
+        and storage chunks hold forgotten payloads next to live ones (those live entries are
+        marked to be written again, so the next save deletes the chunks). ``sizes``: each
+        store's length before."""
+        stores = self.stores()
+        dirty: list[int] = []  # chunk refs that hold payloads of forgotten entries
+        for store, before in zip(stores, sizes, strict=True):
+            for _ids, refs in store.dropped:
+                dirty.extend(refs.tolist())
+            store.table.zero_spare()
+            if len(store) < before:
+                store.index.resync(len(store))
+        if dirty:
+            refs = np.unique(np.asarray(dirty, dtype=np.int64))
+            for store in stores:
+                store.col("put")[np.isin(store.col("ref"), refs)] = True
 
     # --- introspection ---
 

@@ -606,7 +606,9 @@ class Engine:
                 )
                 for layer, lm in enumerate(out.memory_mass or []):
                     for head in range(len(lm.ids)):
-                        read[(layer, head)] = (lm.ids[head].ravel(), lm.mass[head].ravel())
+                        read[(layer, head)] = st.memory.mass_by_entry(
+                            layer, head, lm.ids[head], lm.mass[head]
+                        )
             return self._report(st, read, len(ids))
 
     def last_read(self, session_id: str) -> ReadReport | None:
@@ -1184,20 +1186,19 @@ class Engine:
         read: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]],
         queries: int,
     ) -> ReadReport:
-        """Attribute the mass memory entries received (ids and mass per (layer, head)) to their
-        messages and tokens."""
+        """Attribute the mass memory entries received to their messages and tokens: ``read``
+        holds per (layer, head) the distinct entry ids and their summed mass
+        (`SessionMemory.mass_by_entry`)."""
         heads = int(self.model.config.num_attention_heads)
         report = ReadReport({}, {}, {}, queries, heads, self.n_layers)
         cols: list[list[np.ndarray]] = [[], [], [], [], []]  # message, position, token, band, mass
         for (layer, head), (ids, got) in read.items():
-            uniq, inv = np.unique(ids, return_inverse=True)
-            summed = np.bincount(inv, weights=got)
-            msg, tok, pos = st.memory.entry_info(layer, head, uniq)
+            msg, tok, pos = st.memory.entry_info(layer, head, ids)
             live = msg >= 0
             layer_band = min(len(BANDS) - 1, layer * len(BANDS) // self.n_layers)
             for col, part in zip(
                 cols,
-                (msg, pos.astype(np.int64), tok, np.full(len(msg), layer_band), summed),
+                (msg, pos.astype(np.int64), tok, np.full(len(msg), layer_band), got),
                 strict=True,
             ):
                 col.append(part[live])

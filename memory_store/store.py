@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -263,6 +264,18 @@ class EntryStore:
         present = (idcol[rows] == ids) if len(idcol) else np.zeros(len(ids), dtype=bool)
         return np.where(present, rows, 0), present
 
+    def mass_by_row(self, ids: np.ndarray, mass: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`mass` [n] summed per entry of `ids` [n]: (rows ascending, float64 sums) of the entries
+        present (repeats summed; -1 and unknown ids dropped). By row counts, not a sort: a
+        turn's reads repeat each entry many times."""
+        if len(self) == 0 or len(ids) == 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
+        rows, present = self.rows_of(ids)
+        rows = rows[present]
+        total = np.bincount(rows, weights=mass[present].astype(np.float64), minlength=len(self))
+        hit = np.flatnonzero(np.bincount(rows, minlength=len(self)))
+        return hit, total[hit]
+
     def load_rows(self, rows: dict[str, np.ndarray]) -> None:
         """Append stored entries (clean, sorted by id, after any present); index built lazily."""
         self.table.append(rows)
@@ -462,11 +475,7 @@ class KeySlot(EntryStore):
     def reinforce(self, ids: np.ndarray, mass: np.ndarray, turn: int) -> int:
         """Add attention `mass` to entries `ids` (-1 and unknown ids skipped); refresh strength if
         params.reinforce > 0. Returns the number of entries touched."""
-        ok = ids >= 0
-        uid, inv = np.unique(ids[ok], return_inverse=True)
-        total = np.bincount(inv, weights=mass[ok].astype(np.float64), minlength=len(uid))
-        rows, present = self.rows_of(uid)
-        rows, total = rows[present], total[present]
+        rows, total = self.mass_by_row(ids, mass)
         if len(rows) == 0:
             return 0
         att = self.col("attention")
@@ -879,15 +888,16 @@ class SessionMemory:
     def forget_message(self, message_id: int) -> int:
         """Remove every entry of `message_id` (all slots and kNN), leaving no copy of it (see
         `_scrub`); returns how many."""
-        sizes = [len(s) for s in self.stores()]
-        removed = sum(s.forget_message(int(message_id)) for s in self.stores())
-        self._scrub(sizes)
-        return removed
+        return self._forget(lambda store: store.forget_message(int(message_id)))
 
     def forget_all(self) -> int:
         """Remove every entry, leaving no copy (see `_scrub`); returns how many."""
+        return self._forget(lambda store: store.forget_all())
+
+    def _forget(self, drop: Callable[[EntryStore], int]) -> int:
+        """`drop` from every store, then `_scrub`; returns the entries removed."""
         sizes = [len(s) for s in self.stores()]
-        removed = sum(s.forget_all() for s in self.stores())
+        removed = sum(drop(s) for s in self.stores())
         self._scrub(sizes)
         return removed
 
@@ -933,18 +943,12 @@ class SessionMemory:
         self, layer: int, head: int, ids: npt.ArrayLike, mass: npt.ArrayLike
     ) -> tuple[np.ndarray, np.ndarray]:
         """Attention `mass` summed per entry of slot (layer, head): (ids ascending, float64 sums)
-        of the live entries among `ids` (repeats summed; -1 and evicted ids dropped). By row
-        counts, not a sort: a turn's reads repeat each entry many times."""
+        of the live entries among `ids` (repeats summed; -1 and evicted ids dropped)."""
         slot = self.slot(layer, head)
-        ids = np.asarray(ids, dtype=np.int64).ravel()
-        mass = np.asarray(mass, dtype=np.float64).ravel()
-        if len(slot) == 0 or len(ids) == 0:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
-        rows, present = slot.rows_of(ids)
-        rows = rows[present]
-        total = np.bincount(rows, weights=mass[present], minlength=len(slot))
-        hit = np.flatnonzero(np.bincount(rows, minlength=len(slot)))
-        return slot.col("id")[hit], total[hit]
+        rows, total = slot.mass_by_row(
+            np.asarray(ids, dtype=np.int64).ravel(), np.asarray(mass).ravel()
+        )
+        return slot.col("id")[rows], total
 
     def entry_info(
         self, layer: int, head: int, ids: npt.ArrayLike

@@ -33,7 +33,7 @@ from sqlalchemy.orm import sessionmaker
 from app.chat_format import ChatFormat, EncodedMessage
 from app.memory_llama import ForwardOutput, ReadConfig, WindowCache, forward, forward_batch
 from app.model import LoadedModel
-from memory_store import MemoryParams, SessionMemory
+from memory_store import EntryReads, MemoryParams, SessionMemory
 from memory_store.errors import InvalidExport, SessionNotFound
 from memory_store.kernels import compile_search
 from memory_store.models import LOCAL_TENANT_ID, Base, ChatSession, Message
@@ -593,7 +593,7 @@ class Engine:
                 raise WindowTooSmall(
                     f"the text takes {len(ids)} tokens; the window holds {st.window_size}"
                 )
-            read: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+            read: dict[tuple[int, int], EntryReads] = {}
             if st.memory_enabled:
                 out = forward(
                     self.model,
@@ -606,10 +606,10 @@ class Engine:
                 )
                 for layer, lm in enumerate(out.memory_mass or []):
                     for head in range(len(lm.ids)):
-                        read[(layer, head)] = st.memory.mass_by_entry(
+                        read[(layer, head)] = st.memory.tally_reads(
                             layer, head, lm.ids[head], lm.mass[head]
                         )
-            return self._report(st, read, len(ids))
+            return self._report(read, len(ids))
 
     def last_read(self, session_id: str) -> ReadReport | None:
         """What the memory read attended to in the session's last turn (None after a reload)."""
@@ -1167,41 +1167,41 @@ class Engine:
 
     def _end_turn(self, st: SessionState, queries: int = 0) -> None:
         """Reinforce what was read, note which messages it came from, evict under the budget."""
+        # entries may have been evicted since they were read: only live ones are counted
         read = {
-            key: st.memory.mass_by_entry(
-                *key, np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+            key: st.memory.tally_reads(
+                *key,
+                np.concatenate([p[0] for p in parts]),
+                np.concatenate([p[1] for p in parts]),
+                reinforce=True,
             )
             for key, parts in st.mass.items()
         }
-        st.last_read = self._report(st, read, queries)
-        for (layer, head), (ids, mass) in read.items():
-            # entries may have been evicted since they were read; reinforce only live ones
-            st.memory.reinforce(layer, head, ids, mass)
+        st.last_read = self._report(read, queries)
         st.mass.clear()
         st.memory.evict()
 
-    def _report(
-        self,
-        st: SessionState,
-        read: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]],
-        queries: int,
-    ) -> ReadReport:
+    def _report(self, read: dict[tuple[int, int], EntryReads], queries: int) -> ReadReport:
         """Attribute the mass memory entries received to their messages and tokens: ``read``
-        holds per (layer, head) the distinct entry ids and their summed mass
-        (`SessionMemory.mass_by_entry`)."""
+        holds per (layer, head) the entries read and their summed mass
+        (`SessionMemory.tally_reads`)."""
         heads = int(self.model.config.num_attention_heads)
         report = ReadReport({}, {}, {}, queries, heads, self.n_layers)
         cols: list[list[np.ndarray]] = [[], [], [], [], []]  # message, position, token, band, mass
-        for (layer, head), (ids, got) in read.items():
-            msg, tok, pos = st.memory.entry_info(layer, head, ids)
-            live = msg >= 0
+        for (layer, _), got in read.items():
             layer_band = min(len(BANDS) - 1, layer * len(BANDS) // self.n_layers)
             for col, part in zip(
                 cols,
-                (msg, pos.astype(np.int64), tok, np.full(len(msg), layer_band), got),
+                (
+                    got.message_ids,
+                    got.positions.astype(np.int64),
+                    got.token_ids,
+                    np.full(len(got.ids), layer_band),
+                    got.mass,
+                ),
                 strict=True,
             ):
-                col.append(part[live])
+                col.append(part)
         if not cols[0] or sum(len(c) for c in cols[0]) == 0:
             return report
         msg, pos, tok, band, w = (np.concatenate(c) for c in cols)

@@ -12,11 +12,19 @@ from .errors import (
     StaleMemory,
 )
 from .params import MemoryParams
-from .store import KnnResult, MessageMemoryStats, SearchResult, SessionMemory, WriteStats
+from .store import (
+    EntryReads,
+    KnnResult,
+    MessageMemoryStats,
+    SearchResult,
+    SessionMemory,
+    WriteStats,
+)
 from .transfer import export_session, import_session
 
 __all__ = [
     "CorruptMemory",
+    "EntryReads",
     "InvalidExport",
     "KnnResult",
     "MemoryParams",

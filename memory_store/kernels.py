@@ -1,18 +1,28 @@
-"""Compiled kernel of the exact memory read for a few queries (numba).
+"""Compiled kernels of the memory: the exact read for a few queries, and the merge step of a
+write (numba).
 
 A decoding step reads every layer's slots with a handful of queries (the query heads of each KV
 group). Done with numpy, that read is some fifty small array operations per layer, and their
 per-call cost, not the scan, was most of the read: 9 ms per decoded token at a 10k-token memory,
 of which the matmuls were under 2 ms. `search_heads` does the scan, the top-k and the gathers of
 one layer in one call. Larger searches (history imports: hundreds of queries) stay with BLAS.
+
+A write merged its keys into their entries in numpy rounds (one per repeat of a row), a few per
+slot and ninety slots per turn: that per-call cost was half of a turn's memory write.
+`merge_rows` applies the merges in one ordered loop; `scaled_argmax` picks each incoming key's
+most similar entry from the BLAS similarities.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numba as nb
 import numpy as np
+from llvmlite import ir  # type: ignore[import-untyped]
+from numba import types
+from numba.extending import intrinsic
 
 # Reassociation lets LLVM vectorize the dot products; no 'ninf'/'nnan': -inf marks empty places.
 _FASTMATH = {"reassoc", "contract"}
@@ -145,9 +155,91 @@ def search_heads(  # type: ignore[no-untyped-def]  # numba compiles it; arrays t
                         out_keys[h, g, j, d] = kh[r, d]
 
 
+def _half_to_float(typingctx, bits):  # type: ignore[no-untyped-def]  # numba typing hook
+    """`_f16_bits_to_f32(bits)`: float32 of the float16 of bits `bits` (uint16), exactly
+    (LLVM's fpext: one instruction with F16C)."""
+    if bits != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+def _float_to_half(typingctx, x):  # type: ignore[no-untyped-def]  # numba typing hook
+    """`_f32_to_f16_bits(x)`: bits (uint16) of float32 `x` rounded to float16, to nearest even
+    (as numpy's astype)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
+
+
+# called from compiled code only (typed Any: mypy would read the typing hooks' signatures)
+_f16_bits_to_f32: Any = intrinsic(_half_to_float)
+_f32_to_f16_bits: Any = intrinsic(_float_to_half)
+
+
+# No fastmath below: the merge must round exactly as numpy's float32 expression does.
+@nb.njit(cache=True, nogil=True)
+def merge_rows(keys, values, rows, new_keys, new_values, w):  # type: ignore[no-untyped-def]
+    """For i in order: keys[rows[i]] <- f16(k + w (new_keys[i] - k)) (float32 [n, D], float16-
+    rounded) and values[rows[i]] likewise (float16 bits, uint16 [n, D]; new_values [m, D] too).
+    Repeated rows apply one after another, in the order given."""
+    D = keys.shape[1]
+    w = np.float32(w)  # float32 arithmetic throughout, as numpy's
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        for d in range(D):
+            k = keys[r, d]
+            keys[r, d] = _f16_bits_to_f32(_f32_to_f16_bits(k + w * (new_keys[i, d] - k)))
+            v = _f16_bits_to_f32(values[r, d])
+            x = _f16_bits_to_f32(new_values[i, d])
+            values[r, d] = _f32_to_f16_bits(v + w * (x - v))
+
+
+@nb.njit(cache=True, nogil=True)
+def scaled_argmax(sims, scale, best, top):  # type: ignore[no-untyped-def]
+    """For each column b of `sims` [N, B] (N > 0): best[b] <- the row of the largest
+    sims[n, b] * scale[n] (the first on ties, as numpy's argmax), top[b] <- that product."""
+    N, B = sims.shape
+    for b in range(B):
+        best[b] = 0
+        top[b] = sims[0, b] * scale[0]
+    for n in range(1, N):
+        s = scale[n]
+        for b in range(B):
+            v = sims[n, b] * s
+            if v > top[b]:
+                top[b] = v
+                best[b] = n
+
+
+@nb.njit(cache=True, nogil=True)
+def first_roots(cos, first, threshold, starts, root):  # type: ignore[no-untyped-def]
+    """Rows first..first+B-1 of a write's keys, given their cosines `cos` [B, >= first+B] to the
+    write's keys: key i starts an entry unless an earlier key has cosine >= threshold
+    (starts[i] <- False); otherwise root[i] <- the first earlier starting key that has.
+    `starts` and `root` [T] hold the earlier rows' results (keys are taken in order)."""
+    for b in range(cos.shape[0]):
+        i = first + b
+        for j in range(i):
+            if cos[b, j] >= threshold:
+                if starts[i]:
+                    starts[i] = False
+                if starts[j]:
+                    root[i] = j
+                    break
+        # a key joins an earlier key that itself joined another: it starts nothing, roots nowhere
+
+
 def compile_search(n_heads: int) -> None:
-    """Compile `search_heads` for memories of `n_heads` KV heads (or load it from numba's disk
-    cache): otherwise the first read of a session waits for it (seconds)."""
+    """Compile the kernels (`search_heads` for memories of `n_heads` KV heads, the write's) or
+    load them from numba's disk cache: otherwise a session's first read or write waits (seconds)."""
     empty = (
         tuple(np.zeros((0, 1), np.float32) for _ in range(n_heads)),
         tuple(np.zeros(0, np.int64) for _ in range(n_heads)),
@@ -163,3 +255,25 @@ def compile_search(n_heads: int) -> None:
         np.zeros((0, 0, 0, 0), np.float32),
     )
     search_heads(*empty, np.zeros((n_heads, 1, 1), np.float32), 0, 0.0, *out)
+    none = np.zeros((0, 1), np.float32)
+    merge_rows(
+        none,
+        none.view(np.uint16),
+        np.zeros(0, np.int64),
+        none,
+        none.view(np.uint16),
+        np.float32(0.5),
+    )
+    first_roots(
+        np.zeros((0, 0), np.float32),
+        0,
+        np.float32(0.5),
+        np.ones(0, np.bool_),
+        np.zeros(0, np.int64),
+    )
+    scaled_argmax(
+        np.zeros((1, 1), np.float32),
+        np.ones(1, np.float32),
+        np.zeros(1, np.int64),
+        np.zeros(1, np.float32),
+    )

@@ -32,7 +32,7 @@ import numpy.typing as npt
 from .columns import ColumnTable, Schema
 from .errors import ShapeError
 from .index import VectorIndex
-from .kernels import search_heads
+from .kernels import first_roots, merge_rows, scaled_argmax, search_heads
 from .params import MemoryParams
 
 _TINY = np.float32(1e-12)  # norm guard for the cosine of an all-zero key
@@ -71,6 +71,17 @@ class KnnResult:
     distances: np.ndarray  # float32, squared L2 (+inf where missing)
     log_strength: np.ndarray  # float32 (-inf where missing)
     ids: np.ndarray  # int64, kNN entry id (-1 where missing)
+
+
+@dataclass
+class EntryReads:
+    """Reads of one slot summed per entry (`SessionMemory.tally_reads`), ids ascending."""
+
+    ids: np.ndarray  # int64 [n]
+    mass: np.ndarray  # float64 [n]: attention received, summed
+    message_ids: np.ndarray  # int64 [n]
+    token_ids: np.ndarray  # int64 [n]
+    positions: np.ndarray  # int32 [n]
 
 
 @dataclass
@@ -149,17 +160,10 @@ def batch_roots(unit: np.ndarray, threshold: float) -> np.ndarray:
     entry (has no earlier key as similar itself) with cosine >= threshold, else -1."""
     T = len(unit)
     starts = np.ones(T, dtype=bool)
-    for i in range(0, T, _MERGE_BLOCK):  # blocks of rows bound the temporary to 256 x T
-        hit = (unit[i : i + _MERGE_BLOCK] @ unit.T) >= threshold  # (B, T)
-        hit &= np.arange(T)[None, :] < np.arange(i, i + len(hit))[:, None]  # earlier keys only
-        starts[i : i + len(hit)] = ~hit.any(axis=1)
     root = np.full(T, -1, dtype=np.int64)
-    for i in range(0, T, _MERGE_BLOCK):
-        hit = (unit[i : i + _MERGE_BLOCK] @ unit.T) >= threshold
-        hit &= np.arange(T)[None, :] < np.arange(i, i + len(hit))[:, None]
-        hit &= starts[None, :]
-        joins = hit.any(axis=1) & ~starts[i : i + len(hit)]
-        root[i : i + len(hit)][joins] = hit.argmax(axis=1)[joins]
+    for i in range(0, T, _MERGE_BLOCK):  # blocks of rows bound the cosines to 256 x T
+        j = min(T, i + _MERGE_BLOCK)
+        first_roots(unit[i:j] @ unit.T, i, np.float32(threshold), starts, root)
     return root
 
 
@@ -385,10 +389,7 @@ class KeySlot(EntryStore):
             for i in range(0, len(unit), _MERGE_BLOCK):
                 # keys @ (D, B) C-contiguous: BLAS is 2-3x faster than unit @ keys.T here
                 sims = keys @ np.ascontiguousarray(unit[i : i + _MERGE_BLOCK].T)  # (N, B)
-                sims *= inv[:, None]
-                top = sims.argmax(axis=0)
-                best[i : i + _MERGE_BLOCK] = top
-                cos[i : i + _MERGE_BLOCK] = sims[top, np.arange(sims.shape[1])]
+                scaled_argmax(sims, inv, best[i : i + _MERGE_BLOCK], cos[i : i + _MERGE_BLOCK])
             return best, cos
         _, rows = self.index.search(unit, max(32, self.params.top_k))
         r = np.maximum(rows, 0)
@@ -451,21 +452,19 @@ class KeySlot(EntryStore):
         return m, len(merging)
 
     def _merge(self, rows: np.ndarray, keys: np.ndarray, values: np.ndarray, turn: int) -> None:
-        """m <- m + w (h - m) for key and value, in rounds so repeated rows apply in token order."""
+        """m <- m + w (h - m) for key and value (float32, rounded to float16), repeated rows in
+        token order (`kernels.merge_rows`)."""
         if len(rows) == 0:
             return
-        w = np.float32(self.params.merge_weight)
         K, V = self.col("key"), self.col("value")
-        pending = np.arange(len(rows))
-        while len(pending):
-            # the first pending merge of each row, applied together
-            _, first = np.unique(rows[pending], return_index=True)
-            sel = pending[first]
-            r = rows[sel]
-            K[r] = round_f16(K[r] + w * (keys[sel] - K[r]))
-            v = V[r].astype(np.float32)
-            V[r] = (v + w * (values[sel].astype(np.float32) - v)).astype(np.float16)
-            pending = np.delete(pending, first)
+        merge_rows(
+            K,
+            V.view(np.uint16),
+            np.ascontiguousarray(rows, dtype=np.int64),
+            np.ascontiguousarray(keys, dtype=np.float32),
+            np.ascontiguousarray(values, dtype=np.float16).view(np.uint16),
+            np.float32(self.params.merge_weight),
+        )
         r = np.unique(rows)
         self.col("knorm")[r] = np.linalg.norm(K[r], axis=1)
         self.col("s0")[r] = 1.0
@@ -476,6 +475,10 @@ class KeySlot(EntryStore):
         """Add attention `mass` to entries `ids` (-1 and unknown ids skipped); refresh strength if
         params.reinforce > 0. Returns the number of entries touched."""
         rows, total = self.mass_by_row(ids, mass)
+        return self.reinforce_rows(rows, total, turn)
+
+    def reinforce_rows(self, rows: np.ndarray, total: np.ndarray, turn: int) -> int:
+        """`reinforce` of distinct `rows` with their summed `total` mass (from `mass_by_row`)."""
         if len(rows) == 0:
             return 0
         att = self.col("attention")
@@ -944,11 +947,33 @@ class SessionMemory:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Attention `mass` summed per entry of slot (layer, head): (ids ascending, float64 sums)
         of the live entries among `ids` (repeats summed; -1 and evicted ids dropped)."""
+        found = self.tally_reads(layer, head, ids, mass)
+        return found.ids, found.mass
+
+    def tally_reads(
+        self,
+        layer: int,
+        head: int,
+        ids: npt.ArrayLike,
+        mass: npt.ArrayLike,
+        reinforce: bool = False,
+    ) -> EntryReads:
+        """Reads of slot (layer, head), `ids` [n] with the attention `mass` [n] they got, summed
+        per live entry (as `mass_by_entry`) with where each entry came from; with `reinforce` the
+        entries are also reinforced (as `reinforce`). One id lookup serves all three."""
         slot = self.slot(layer, head)
         rows, total = slot.mass_by_row(
             np.asarray(ids, dtype=np.int64).ravel(), np.asarray(mass).ravel()
         )
-        return slot.col("id")[rows], total
+        if reinforce:
+            slot.reinforce_rows(rows, total, self.turn)
+        return EntryReads(
+            ids=slot.col("id")[rows],
+            mass=total,
+            message_ids=slot.col("message_id")[rows],
+            token_ids=slot.col("token_id")[rows],
+            positions=slot.col("position")[rows],
+        )
 
     def entry_info(
         self, layer: int, head: int, ids: npt.ArrayLike

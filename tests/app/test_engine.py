@@ -154,17 +154,18 @@ def test_read_report_sums_mass_per_message_token_and_band() -> None:
             np.full(T, seq),
             np.arange(T),
         )
-    read = {}
+    raw = {}
     for layer in range(L):
         for head in range(H):
             ids = rng.integers(0, 24, 30)  # ids 20..23 were never written: skipped
-            read[(layer, head)] = (ids, rng.random(30))
+            raw[(layer, head)] = (ids, rng.random(30))
+    read = {key: mem.tally_reads(*key, ids, w) for key, (ids, w) in raw.items()}
     fake = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(num_attention_heads=6)))
     fake.n_layers = L
-    report = Engine._report(fake, SimpleNamespace(memory=mem), read, 7)  # type: ignore[arg-type]
+    report = Engine._report(fake, read, 7)  # type: ignore[arg-type]
 
     tokens: dict[tuple[int, int], np.ndarray] = {}
-    for (layer, head), (ids, w) in read.items():
+    for (layer, head), (ids, w) in raw.items():
         band = min(len(BANDS) - 1, layer * len(BANDS) // L)
         msg, tok, pos = mem.entry_info(layer, head, ids)
         for m, t, p, x in zip(msg, tok, pos, w, strict=True):

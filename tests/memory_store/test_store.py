@@ -345,3 +345,30 @@ def test_mass_by_entry_sums_repeats_and_drops_missing_ids(rng):
     np.testing.assert_array_equal(got_ids, want_ids)
     np.testing.assert_allclose(got, np.bincount(inv, weights=mass[keep]))
     assert mem.mass_by_entry(1, 0, np.zeros(0, np.int64), np.zeros(0))[0].size == 0
+
+
+def test_tally_reads_sums_reinforces_and_says_where_entries_came_from(rng):
+    mem = make(merge_threshold=NO_MERGE, reinforce=0.5)
+    write(mem, rng.standard_normal((L, H, 30, D)).astype(np.float32))
+    mem.set_turn(mem.turn + 3)
+    live = mem.slots[1][0].col("id")
+    ids = np.concatenate([rng.choice(live[:10], 80), [-1, live.max() + 5]])
+    mass = rng.random(len(ids)) * 0.01
+    got = mem.tally_reads(1, 0, ids, mass, reinforce=True)
+    keep = np.isin(ids, live)
+    want_ids, inv = np.unique(ids[keep], return_inverse=True)
+    np.testing.assert_array_equal(got.ids, want_ids)
+    np.testing.assert_allclose(got.mass, np.bincount(inv, weights=mass[keep]))
+    msg, tok, pos = mem.entry_info(1, 0, got.ids)
+    np.testing.assert_array_equal(got.message_ids, msg)
+    np.testing.assert_array_equal(got.token_ids, tok)
+    np.testing.assert_array_equal(got.positions, pos)
+    # reinforced as `reinforce` would: the read entries were refreshed this turn, the rest not
+    refreshed = mem.slots[1][0].col("refreshed")
+    read_rows = np.searchsorted(live, got.ids)
+    assert (refreshed[read_rows] == mem.turn).all()
+    assert (np.delete(refreshed, read_rows) < mem.turn).all()
+    # without reinforce nothing changes
+    before = mem.slots[1][0].col("s0").copy()
+    mem.tally_reads(1, 0, ids, mass)
+    np.testing.assert_array_equal(mem.slots[1][0].col("s0"), before)

@@ -1,0 +1,68 @@
+"""The write's compiled kernels against the numpy they replace: same bits, same choices."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from memory_store.kernels import merge_rows, scaled_argmax
+
+
+def _merge_numpy(
+    K: np.ndarray, V: np.ndarray, rows: np.ndarray, keys: np.ndarray, values: np.ndarray, w: float
+) -> None:
+    """The numpy definition: merges one at a time, in order, in float32, rounded to float16."""
+    w32 = np.float32(w)
+    for i, r in enumerate(rows):
+        K[r] = (K[r] + w32 * (keys[i] - K[r])).astype(np.float16).astype(np.float32)
+        v = V[r].astype(np.float32)
+        V[r] = (v + w32 * (values[i].astype(np.float32) - v)).astype(np.float16)
+
+
+def test_merge_rows_matches_numpy_bit_for_bit() -> None:
+    rng = np.random.default_rng(3)
+    n, m, D = 50, 400, 64
+    # wide magnitudes: float16 subnormals, normals near the top of its range, exact halves
+    scale = np.float32(10.0) ** rng.integers(-7, 4, size=(n, D))
+    K = (rng.standard_normal((n, D)) * scale).astype(np.float16).astype(np.float32)
+    V = (rng.standard_normal((n, D)) * scale).astype(np.float16)
+    keys = (rng.standard_normal((m, D)) * 3).astype(np.float16).astype(np.float32)
+    values = (rng.standard_normal((m, D)) * 3).astype(np.float16)
+    rows = rng.integers(0, n, size=m)  # many repeats: their order matters
+    for w in (0.5, 0.3, 0.01):
+        K1, V1, K2, V2 = K.copy(), V.copy(), K.copy(), V.copy()
+        merge_rows(K1, V1.view(np.uint16), rows, keys, values.view(np.uint16), np.float32(w))
+        _merge_numpy(K2, V2, rows, keys, values, w)
+        np.testing.assert_array_equal(K1.view(np.uint32), K2.view(np.uint32))
+        np.testing.assert_array_equal(V1.view(np.uint16), V2.view(np.uint16))
+        assert not np.array_equal(K1, K)  # something was merged
+
+
+def test_merge_rows_order_of_repeats() -> None:
+    K = np.zeros((1, 2), np.float32)
+    V = np.zeros((1, 2), np.float16)
+    keys = np.array([[1.0, 1.0], [3.0, 3.0]], np.float32)
+    merge_rows(
+        K,
+        V.view(np.uint16),
+        np.array([0, 0]),
+        keys,
+        keys.astype(np.float16).view(np.uint16),
+        np.float32(0.5),
+    )
+    np.testing.assert_array_equal(K[0], [1.75, 1.75])  # (0 -> 0.5) then (0.5 -> 1.75)
+    np.testing.assert_array_equal(V[0].astype(np.float32), [1.75, 1.75])
+
+
+def test_scaled_argmax_matches_numpy() -> None:
+    rng = np.random.default_rng(4)
+    sims = rng.standard_normal((300, 37)).astype(np.float32)
+    sims[[10, 200], 5] = 9.0  # a tie: the first row wins, as np.argmax
+    scale = rng.uniform(0.5, 2.0, 300).astype(np.float32)
+    scale[[10, 200]] = 1.0
+    best = np.empty(37, np.int64)
+    top = np.empty(37, np.float32)
+    scaled_argmax(sims, scale, best, top)
+    want = sims * scale[:, None]
+    np.testing.assert_array_equal(best, want.argmax(axis=0))
+    np.testing.assert_array_equal(top, want.max(axis=0))
+    assert best[5] == 10

@@ -237,6 +237,25 @@ def first_roots(cos, first, threshold, starts, root):  # type: ignore[no-untyped
         # a key joins an earlier key that itself joined another: it starts nothing, roots nowhere
 
 
+@nb.njit(cache=True, nogil=True)
+def sum_by_id(id_col, ids, mass, total, hit):  # type: ignore[no-untyped-def]
+    """For each of `ids` [m] found in the ascending `id_col` [n] (binary search; -1 and absent
+    ids skipped): total[row] += mass[i] in float64, in order, and hit[row] <- True."""
+    n = id_col.shape[0]
+    for i in range(ids.shape[0]):
+        x = ids[i]
+        lo, hi = 0, n
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if id_col[mid] < x:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo < n and id_col[lo] == x:
+            total[lo] += np.float64(mass[i])
+            hit[lo] = True
+
+
 def compile_search(n_heads: int) -> None:
     """Compile the kernels (`search_heads` for memories of `n_heads` KV heads, the write's) or
     load them from numba's disk cache: otherwise a session's first read or write waits (seconds)."""
@@ -264,6 +283,10 @@ def compile_search(n_heads: int) -> None:
         none.view(np.uint16),
         np.float32(0.5),
     )
+    for mass in (np.zeros(0, np.float32), np.zeros(0, np.float64)):
+        sum_by_id(
+            np.zeros(0, np.int64), np.zeros(0, np.int64), mass, np.zeros(0), np.zeros(0, bool)
+        )
     first_roots(
         np.zeros((0, 0), np.float32),
         0,

@@ -32,7 +32,7 @@ import numpy.typing as npt
 from .columns import ColumnTable, Schema
 from .errors import ShapeError
 from .index import VectorIndex
-from .kernels import first_roots, merge_rows, scaled_argmax, search_heads
+from .kernels import first_roots, merge_rows, scaled_argmax, search_heads, sum_by_id
 from .params import MemoryParams
 
 _TINY = np.float32(1e-12)  # norm guard for the cosine of an all-zero key
@@ -270,15 +270,23 @@ class EntryStore:
 
     def mass_by_row(self, ids: np.ndarray, mass: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """`mass` [n] summed per entry of `ids` [n]: (rows ascending, float64 sums) of the entries
-        present (repeats summed; -1 and unknown ids dropped). By row counts, not a sort: a
-        turn's reads repeat each entry many times."""
+        present (repeats summed in order; -1 and unknown ids dropped). One compiled pass
+        (`kernels.sum_by_id`), no sort: a turn's reads repeat each entry many times."""
         if len(self) == 0 or len(ids) == 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
-        rows, present = self.rows_of(ids)
-        rows = rows[present]
-        total = np.bincount(rows, weights=mass[present].astype(np.float64), minlength=len(self))
-        hit = np.flatnonzero(np.bincount(rows, minlength=len(self)))
-        return hit, total[hit]
+        total = np.zeros(len(self), dtype=np.float64)
+        hit = np.zeros(len(self), dtype=bool)
+        sum_by_id(
+            self.col("id"),
+            np.ascontiguousarray(ids, dtype=np.int64),
+            np.ascontiguousarray(
+                mass, dtype=mass.dtype if mass.dtype == np.float32 else np.float64
+            ),
+            total,
+            hit,
+        )
+        rows = np.flatnonzero(hit)
+        return rows, total[rows]
 
     def load_rows(self, rows: dict[str, np.ndarray]) -> None:
         """Append stored entries (clean, sorted by id, after any present); index built lazily."""

@@ -167,15 +167,21 @@ class WindowCache:
         if n <= 0:
             return
         rest = self.length - end
-        self.keys[:, :, start : start + rest] = self.keys[:, :, end : self.length].clone()
-        self.values[:, :, start : start + rest] = self.values[:, :, end : self.length].clone()
-        self.length -= n
-        if rest:  # every later token moves n positions back: rotated again from its raw key
-            self.rotate_into(
-                self.keys_rot[:, :, start : self.length],
-                self.keys[:, :, start : self.length],
-                start,
-            )
+        new_length = self.length - n
+        # every later token moves n positions back: rotated again from its raw key. Layer by
+        # layer, so each layer's part stays in the CPU cache through its move and rotation.
+        cos, sin = rope_tables(self.model, start, rest, self.keys.dtype)
+        for layer in range(self.n_layers):
+            for buf in (self.keys[layer], self.values[layer]):
+                buf[:, start:new_length] = buf[:, end : self.length].clone()
+            if rest:
+                rope_into(
+                    self.keys_rot[layer, :, start:new_length],
+                    self.keys[layer, :, start:new_length],
+                    cos,
+                    sin,
+                )
+        self.length = new_length
 
     def clear(self) -> None:
         """Forget every token (buffers are kept)."""

@@ -28,26 +28,33 @@ from numba.extending import intrinsic
 _FASTMATH = {"reassoc", "contract"}
 
 
-@nb.njit(cache=True, nogil=True, inline="always")
-def f16_to_f32_bits(h):  # type: ignore[no-untyped-def]  # numba compiles it
-    """The float32 bits of the float16 of bits `h` (numba has no float16), exactly: normal,
-    subnormal, zero, inf and NaN. Integer operations only (a lookup table in RAM was cold by
-    the time each layer's read came, and cost more than the scan)."""
-    h = np.uint32(h)
-    sign = (h & np.uint32(0x8000)) << np.uint32(16)
-    e = np.int32((h >> np.uint32(10)) & np.uint32(0x1F))
-    m = h & np.uint32(0x3FF)
-    if e == 31:
-        return sign | np.uint32(0x7F800000) | (m << np.uint32(13))
-    if e == 0:
-        if m == 0:
-            return sign
-        e = np.int32(1)
-        while (m & np.uint32(0x400)) == 0:  # subnormal: normalize
-            m <<= np.uint32(1)
-            e -= 1
-        m &= np.uint32(0x3FF)
-    return sign | (np.uint32(e + 112) << np.uint32(23)) | (m << np.uint32(13))
+def _half_to_float(typingctx, bits):  # type: ignore[no-untyped-def]  # numba typing hook
+    """`_f16_bits_to_f32(bits)`: float32 of the float16 of bits `bits` (uint16), exactly
+    (LLVM's fpext: one instruction with F16C)."""
+    if bits != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+def _float_to_half(typingctx, x):  # type: ignore[no-untyped-def]  # numba typing hook
+    """`_f32_to_f16_bits(x)`: bits (uint16) of float32 `x` rounded to float16, to nearest even
+    (as numpy's astype)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
+
+
+# called from compiled code only (typed Any: mypy would read the typing hooks' signatures)
+_f16_bits_to_f32: Any = intrinsic(_half_to_float)
+_f32_to_f16_bits: Any = intrinsic(_float_to_half)
 
 
 @nb.njit(cache=True, nogil=True)
@@ -98,7 +105,7 @@ def search_heads(  # type: ignore[no-untyped-def]  # numba compiles it; arrays t
     out_ids,  # int64 [H, Q, k]
     out_scores,  # float32 [H, Q, k]
     out_log_strength,  # float32 [H, Q, k]
-    out_values,  # uint32 [H, Q, k, D]: the bits of float32 values
+    out_values,  # float32 [H, Q, k, D]
     out_keys,  # float32 [H, Q, k, D], or [0, 0, 0, 0] for none
 ):
     """Exact top-k by inner product of each head's keys for its queries, and the hits' ids,
@@ -135,7 +142,7 @@ def search_heads(  # type: ignore[no-untyped-def]  # numba compiles it; arrays t
                     out_scores[h, g, j] = 0.0
                     out_log_strength[h, g, j] = -np.inf
                     for d in range(D):  # element loops: slice assignments cost 10x here
-                        out_values[h, g, j, d] = 0
+                        out_values[h, g, j, d] = 0.0
                     if want_keys:
                         for d in range(D):
                             out_keys[h, g, j, d] = 0.0
@@ -149,39 +156,10 @@ def search_heads(  # type: ignore[no-untyped-def]  # numba compiles it; arrays t
                 ls += np.float64(turn - refh[r]) * log_decay
                 out_log_strength[h, g, j] = np.float32(ls)
                 for d in range(D):
-                    out_values[h, g, j, d] = f16_to_f32_bits(vh[r, d])
+                    out_values[h, g, j, d] = _f16_bits_to_f32(vh[r, d])
                 if want_keys:
                     for d in range(D):
                         out_keys[h, g, j, d] = kh[r, d]
-
-
-def _half_to_float(typingctx, bits):  # type: ignore[no-untyped-def]  # numba typing hook
-    """`_f16_bits_to_f32(bits)`: float32 of the float16 of bits `bits` (uint16), exactly
-    (LLVM's fpext: one instruction with F16C)."""
-    if bits != types.uint16:
-        return None
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-
-    return types.float32(types.uint16), codegen
-
-
-def _float_to_half(typingctx, x):  # type: ignore[no-untyped-def]  # numba typing hook
-    """`_f32_to_f16_bits(x)`: bits (uint16) of float32 `x` rounded to float16, to nearest even
-    (as numpy's astype)."""
-    if x != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
-
-    return types.uint16(types.float32), codegen
-
-
-# called from compiled code only (typed Any: mypy would read the typing hooks' signatures)
-_f16_bits_to_f32: Any = intrinsic(_half_to_float)
-_f32_to_f16_bits: Any = intrinsic(_float_to_half)
 
 
 # No fastmath below: the merge must round exactly as numpy's float32 expression does.
@@ -270,7 +248,7 @@ def compile_search(n_heads: int) -> None:
         np.zeros((n_heads, 1, 1), np.int64),
         np.zeros((n_heads, 1, 1), np.float32),
         np.zeros((n_heads, 1, 1), np.float32),
-        np.zeros((n_heads, 1, 1, 1), np.uint32),
+        np.zeros((n_heads, 1, 1, 1), np.float32),
         np.zeros((0, 0, 0, 0), np.float32),
     )
     search_heads(*empty, np.zeros((n_heads, 1, 1), np.float32), 0, 0.0, *out)

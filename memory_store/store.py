@@ -726,7 +726,7 @@ class SessionMemory:
             ids,
             scores,
             log_s,
-            values.view(np.uint32),  # written as float32 bits
+            values,
             keys,
         )
         return SearchResult(

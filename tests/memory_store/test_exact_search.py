@@ -199,17 +199,21 @@ def test_kernel_and_blas_reads_agree_and_ties_go_to_the_older_entry(rng, monkeyp
 def test_kernel_float16_conversion_is_exact_for_every_bit_pattern() -> None:
     import numba
 
-    from memory_store.kernels import f16_to_f32_bits
+    from memory_store.kernels import _f16_bits_to_f32, _f32_to_f16_bits
 
     @numba.njit
-    def convert(bits: np.ndarray, out: np.ndarray) -> None:
+    def convert(bits: np.ndarray, out: np.ndarray, back: np.ndarray) -> None:
         for i in range(bits.shape[0]):
-            out[i] = f16_to_f32_bits(bits[i])
+            out[i] = _f16_bits_to_f32(bits[i])
+            back[i] = _f32_to_f16_bits(out[i])
 
     bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
-    out = np.empty(1 << 16, dtype=np.uint32)
-    convert(bits, out)
+    out = np.empty(1 << 16, dtype=np.float32)
+    back = np.empty(1 << 16, dtype=np.uint16)
+    convert(bits, out, back)
     want = bits.view(np.float16).astype(np.float32)
     nan = np.isnan(want)
-    np.testing.assert_array_equal(out[~nan], want.view(np.uint32)[~nan])  # zeros, subnormals, inf
-    assert np.isnan(out.view(np.float32)[nan]).all()
+    # zeros, subnormals, inf: bit for bit, and back again
+    np.testing.assert_array_equal(out.view(np.uint32)[~nan], want.view(np.uint32)[~nan])
+    np.testing.assert_array_equal(back[~nan], bits[~nan])
+    assert np.isnan(out[nan]).all()

@@ -272,6 +272,8 @@ class EntryStore:
         """`mass` [n] summed per entry of `ids` [n]: (rows ascending, float64 sums) of the entries
         present (repeats summed in order; -1 and unknown ids dropped). One compiled pass
         (`kernels.sum_by_id`), no sort: a turn's reads repeat each entry many times."""
+        if len(ids) != len(mass):  # the compiled pass reads both without bounds checks
+            raise ShapeError(f"ids and mass differ in length ({len(ids)} != {len(mass)})")
         if len(self) == 0 or len(ids) == 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
         total = np.zeros(len(self), dtype=np.float64)
@@ -970,8 +972,9 @@ class SessionMemory:
         per live entry (as `mass_by_entry`) with where each entry came from; with `reinforce` the
         entries are also reinforced (as `reinforce`). One id lookup serves all three."""
         slot = self.slot(layer, head)
+        flat_ids = np.asarray(ids, dtype=np.int64).ravel()
         rows, total = slot.mass_by_row(
-            np.asarray(ids, dtype=np.int64).ravel(), np.asarray(mass).ravel()
+            flat_ids, _check("mass", np.asarray(mass).ravel(), (len(flat_ids),), "f")
         )
         if reinforce:
             slot.reinforce_rows(rows, total, self.turn)

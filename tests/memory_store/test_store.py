@@ -372,3 +372,7 @@ def test_tally_reads_sums_reinforces_and_says_where_entries_came_from(rng):
     before = mem.slots[1][0].col("s0").copy()
     mem.tally_reads(1, 0, ids, mass)
     np.testing.assert_array_equal(mem.slots[1][0].col("s0"), before)
+    with pytest.raises(ShapeError):  # a mass per id, or nothing is summed
+        mem.tally_reads(1, 0, ids, mass[:-1])
+    with pytest.raises(ShapeError):
+        mem.mass_by_entry(1, 0, ids[:3], mass)

@@ -10,7 +10,12 @@ one layer in one call. Larger searches (history imports: hundreds of queries) st
 A write merged its keys into their entries in numpy rounds (one per repeat of a row), a few per
 slot and ninety slots per turn: that per-call cost was half of a turn's memory write.
 `merge_rows` applies the merges in one ordered loop; `scaled_argmax` picks each incoming key's
-most similar entry from the BLAS similarities.
+most similar entry from the BLAS similarities; `first_roots` and `sum_by_id` are the write's and
+the end of turn's remaining loops.
+
+float16 <-> float32 conversions are integer operations on the bits (numba has no float16), exact
+and portable: LLVM's own half conversions crash where the CPU lacks F16C (test:
+NUMBA_CPU_NAME=generic).
 """
 
 from __future__ import annotations
@@ -28,33 +33,84 @@ from numba.extending import intrinsic
 _FASTMATH = {"reassoc", "contract"}
 
 
-def _half_to_float(typingctx, bits):  # type: ignore[no-untyped-def]  # numba typing hook
-    """`_f16_bits_to_f32(bits)`: float32 of the float16 of bits `bits` (uint16), exactly
-    (LLVM's fpext: one instruction with F16C)."""
-    if bits != types.uint16:
+def _bits_to_float(typingctx, bits):  # type: ignore[no-untyped-def]  # numba typing hook
+    """`_as_f32(bits)`: the float32 whose bits are the low 32 of integer `bits`."""
+    if not isinstance(bits, types.Integer):
         return None
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+        word = args[0]
+        if word.type.width > 32:
+            word = builder.trunc(word, ir.IntType(32))
+        elif word.type.width < 32:
+            word = builder.zext(word, ir.IntType(32))
+        return builder.bitcast(word, ir.FloatType())
 
-    return types.float32(types.uint16), codegen
+    return types.float32(bits), codegen
 
 
-def _float_to_half(typingctx, x):  # type: ignore[no-untyped-def]  # numba typing hook
-    """`_f32_to_f16_bits(x)`: bits (uint16) of float32 `x` rounded to float16, to nearest even
-    (as numpy's astype)."""
+def _float_to_bits(typingctx, x):  # type: ignore[no-untyped-def]  # numba typing hook
+    """`_as_u32(x)`: the bits of float32 `x` (int64, 0 <= bits < 2**32)."""
     if x != types.float32:
         return None
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+        return builder.zext(builder.bitcast(args[0], ir.IntType(32)), ir.IntType(64))
 
-    return types.uint16(types.float32), codegen
+    return types.int64(types.float32), codegen
 
 
-# called from compiled code only (typed Any: mypy would read the typing hooks' signatures)
-_f16_bits_to_f32: Any = intrinsic(_half_to_float)
-_f32_to_f16_bits: Any = intrinsic(_float_to_half)
+# Called from compiled code only (typed Any: mypy would read the typing hooks' signatures). Bit
+# casts only: LLVM's own half<->float conversions are one instruction with F16C, but without it
+# (older CPUs, NUMBA_CPU_NAME=generic) they become library calls the JIT cannot link (a crash).
+_as_f32: Any = intrinsic(_bits_to_float)
+_as_u32: Any = intrinsic(_float_to_bits)
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _f16_bits_to_f32(h):  # type: ignore[no-untyped-def]  # numba compiles it
+    """float32 of the float16 of bits `h` (uint16), exactly: normal, subnormal, zero, inf, NaN.
+    No float arithmetic on subnormals (a flush-to-zero mode would change them)."""
+    h = np.int64(h)
+    sign = (h & 0x8000) << 16
+    e = (h >> 10) & 0x1F
+    m = h & 0x3FF
+    # all three forms computed, one selected: no branches, so the gather loops vectorize
+    normal = (e + 112) << 23
+    special = 0x7F800000  # inf, NaN
+    tiny = _as_u32(np.float32(m) * np.float32(2.0**-24))  # zero, subnormal: a normal float32
+    wide = (
+        (normal | (m << 13)) if e != 0 and e != 31 else (special | (m << 13) if e == 31 else tiny)
+    )
+    return _as_f32(sign | wide)
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _f32_to_f16_bits(x):  # type: ignore[no-untyped-def]  # numba compiles it
+    """Bits (uint16) of float32 `x` rounded to float16, to nearest even: numpy's
+    npy_floatbits_to_halfbits (overflow to inf, subnormals, NaN kept a NaN)."""
+    f = _as_u32(np.float32(x))
+    sign = (f & 0x80000000) >> 16
+    f_exp = f & 0x7F800000
+    if f_exp >= 0x47800000:  # overflow, inf or NaN
+        f_sig = f & 0x007FFFFF
+        if f_exp == 0x7F800000 and f_sig != 0:
+            h = 0x7C00 + (f_sig >> 13)
+            return np.uint16(sign + (h + 1 if h == 0x7C00 else h))
+        return np.uint16(sign + 0x7C00)
+    if f_exp <= 0x38000000:  # a float16 subnormal or zero
+        if f_exp < 0x33000000:
+            return np.uint16(sign)
+        shift = 113 - (f_exp >> 23)
+        f_sig = (0x00800000 + (f & 0x007FFFFF)) >> shift
+        if (f_sig & 0x3FFF) != 0x1000 or (f & 0x7FF) != 0:  # round half to even
+            f_sig += 0x1000
+        return np.uint16(sign + (f_sig >> 13))
+    h_exp = (f_exp - 0x38000000) >> 13
+    f_sig = f & 0x007FFFFF
+    if (f_sig & 0x3FFF) != 0x1000:  # round half to even
+        f_sig += 0x1000
+    return np.uint16(sign + (f_sig >> 13) + h_exp)
 
 
 @nb.njit(cache=True, nogil=True)

@@ -66,3 +66,38 @@ def test_scaled_argmax_matches_numpy() -> None:
     np.testing.assert_array_equal(best, want.argmax(axis=0))
     np.testing.assert_array_equal(top, want.max(axis=0))
     assert best[5] == 10
+
+
+def test_float16_rounding_matches_numpy_over_the_float32_range() -> None:
+    """Every exponent, random mantissas, and the exact halfway cases (ties to even)."""
+    import numba
+
+    from memory_store.kernels import _f32_to_f16_bits
+
+    @numba.njit
+    def narrow(x: np.ndarray, out: np.ndarray) -> None:
+        for i in range(x.shape[0]):
+            out[i] = _f32_to_f16_bits(x[i])
+
+    rng = np.random.default_rng(5)
+    bits = rng.integers(0, 1 << 32, size=400_000, dtype=np.uint64).astype(np.uint32)
+    halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    halves = halves[np.isfinite(halves)].astype(np.float32)
+    # midpoints between neighbouring halves (ties) and the values next to them
+    mid = ((halves[:-1].astype(np.float64) + halves[1:].astype(np.float64)) / 2).astype(np.float32)
+    x = np.concatenate(
+        [
+            bits.view(np.float32),
+            halves,
+            mid,
+            np.nextafter(mid, np.float32(np.inf)),
+            np.nextafter(mid, np.float32(-np.inf)),
+            np.array([np.inf, -np.inf, 65504, 65520, 65519.99, 1e-8, -1e-8], np.float32),
+        ]
+    )
+    x = x[~np.isnan(x)]
+    out = np.empty(len(x), np.uint16)
+    narrow(x, out)
+    with np.errstate(over="ignore"):
+        want = x.astype(np.float16).view(np.uint16)
+    np.testing.assert_array_equal(out, want)

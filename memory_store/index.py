@@ -104,6 +104,11 @@ class VectorIndex:
         return self.approx if self.n > self.exact_max else "flat"
 
     @property
+    def built(self) -> bool:
+        """Whether a FAISS index exists (and `update` must keep it in step with the table)."""
+        return self._index is not None
+
+    @property
     def _ivf(self) -> bool:
         return self._approx and self.approx == "ivf"  # the built index is IVF
 

@@ -135,6 +135,12 @@ def log_strength(s0: np.ndarray, refreshed: np.ndarray, turn: int, decay: float)
     return out.astype(np.float32)
 
 
+def key_norms(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(|key| float32 [...], key / |key| [..., D]) along the last axis (zero keys stay zero)."""
+    norms = np.linalg.norm(keys, axis=-1).astype(np.float32)
+    return norms, keys / np.maximum(norms, _TINY)[..., None]
+
+
 def round_f16(x: np.ndarray) -> np.ndarray:
     """float32 copy of `x` rounded to float16 precision (what SQL stores: reloads are bit-exact)."""
     return np.asarray(x).astype(np.float16).astype(np.float32)
@@ -409,9 +415,17 @@ class KeySlot(EntryStore):
         return r[np.arange(len(r)), pick], sims[np.arange(len(r)), pick].astype(np.float32)
 
     def write(
-        self, keys: np.ndarray, values: np.ndarray, meta: dict[str, np.ndarray], turn: int
+        self,
+        keys: np.ndarray,
+        values: np.ndarray,
+        meta: dict[str, np.ndarray],
+        turn: int,
+        norms: np.ndarray | None = None,
+        unit: np.ndarray | None = None,
     ) -> tuple[int, int]:
-        """Add or merge T incoming entries; keys float32 [T, D] fp16-rounded, values float16 [T, D].
+        """Add or merge T incoming entries; keys float32 [T, D] fp16-rounded, values float16 [T, D];
+        `norms` [T] and `unit` [T, D] of the keys when the caller computed them for many slots at
+        once (`SessionMemory.write`).
 
         An incoming key merges into the existing entry of highest cosine when that cosine reaches
         merge_threshold. Among the keys of one write that match nothing, a key merges into the first
@@ -419,8 +433,8 @@ class KeySlot(EntryStore):
         apply in token order. Returns (added, merged).
         """
         p, n0, T = self.params, len(self), len(keys)
-        norms = np.linalg.norm(keys, axis=1).astype(np.float32)
-        unit = keys / np.maximum(norms, _TINY)[:, None]
+        if norms is None or unit is None:
+            norms, unit = key_norms(keys)
         target = np.full(T, -1, dtype=np.int64)  # existing row each token merges into
         if n0 and p.merge_threshold <= 1.0:
             best, cos = self.nearest_cosine(unit)
@@ -457,8 +471,9 @@ class KeySlot(EntryStore):
         rows = np.where(target[merging] >= 0, target[merging], row_of[np.maximum(root[merging], 0)])
         self._merge(rows, keys[merging], values[merging], turn)
         self.index.append(self.col("key")[n0:])
-        old = np.unique(rows[rows < n0])
-        self.index.update(old, self.col("key")[old])
+        if self.index.built:  # an approximate index holds its own copy of the merged keys
+            old = np.unique(rows[rows < n0])
+            self.index.update(old, self.col("key")[old])
         return m, len(merging)
 
     def _merge(self, rows: np.ndarray, keys: np.ndarray, values: np.ndarray, turn: int) -> None:
@@ -475,11 +490,11 @@ class KeySlot(EntryStore):
             np.ascontiguousarray(values, dtype=np.float16).view(np.uint16),
             np.float32(self.params.merge_weight),
         )
-        r = np.unique(rows)
-        self.col("knorm")[r] = np.linalg.norm(K[r], axis=1)
-        self.col("s0")[r] = 1.0
-        self.col("refreshed")[r] = turn
-        self.col("put")[r] = True
+        # rows may repeat: each copy gets the same (final) value, cheaper than np.unique
+        self.col("knorm")[rows] = np.linalg.norm(K[rows], axis=1)
+        self.col("s0")[rows] = 1.0
+        self.col("refreshed")[rows] = turn
+        self.col("put")[rows] = True
 
     def reinforce(self, ids: np.ndarray, mass: np.ndarray, turn: int) -> int:
         """Add attention `mass` to entries `ids` (-1 and unknown ids skipped); refresh strength if
@@ -840,11 +855,17 @@ class SessionMemory:
             return WriteStats()
         self.next_id += T
         k32, v16 = round_f16(keys), values.astype(np.float16)
+        norms, unit = key_norms(k32)  # for all slots at once: per slot, the calls cost more
         stats = WriteStats()
         for layer in range(L):
             for head in range(H):
                 added, merged = self.slots[layer][head].write(
-                    k32[layer, head], v16[layer, head], meta, self.turn
+                    k32[layer, head],
+                    v16[layer, head],
+                    meta,
+                    self.turn,
+                    norms[layer, head],
+                    unit[layer, head],
                 )
                 stats.added += added
                 stats.merged += merged

@@ -35,7 +35,7 @@ from app.memory_llama import ForwardOutput, ReadConfig, WindowCache, forward, fo
 from app.model import LoadedModel
 from memory_store import EntryReads, MemoryParams, SessionMemory
 from memory_store.errors import InvalidExport, SessionNotFound
-from memory_store.kernels import compile_search
+from memory_store.kernels import compile_kernels
 from memory_store.models import LOCAL_TENANT_ID, Base, ChatSession, Message
 from memory_store.persistence import (
     delete_message_state,
@@ -436,7 +436,7 @@ class Engine:
         self.hidden_dim = cfg.hidden_size
         self.max_positions = int(getattr(cfg, "max_position_embeddings", 8192))
         single_threaded_search()
-        compile_search(self.n_kv)  # now, not in a user's first turn
+        compile_kernels(self.n_kv)  # now, not in a user's first turn
 
     # ----- sessions -------------------------------------------------------------------------
     def create_session(

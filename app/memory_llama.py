@@ -170,11 +170,11 @@ class WindowCache:
         new_length = self.length - n
         # every later token moves n positions back: rotated again from its raw key. Layer by
         # layer, so each layer's part stays in the CPU cache through its move and rotation.
-        cos, sin = rope_tables(self.model, start, rest, self.keys.dtype)
-        for layer in range(self.n_layers):
-            for buf in (self.keys[layer], self.values[layer]):
-                buf[:, start:new_length] = buf[:, end : self.length].clone()
-            if rest:
+        if rest:
+            cos, sin = rope_tables(self.model, start, rest, self.keys.dtype)
+            for layer in range(self.n_layers):
+                for buf in (self.keys[layer], self.values[layer]):
+                    buf[:, start:new_length] = buf[:, end : self.length].clone()
                 rope_into(
                     self.keys_rot[layer, :, start:new_length],
                     self.keys[layer, :, start:new_length],

@@ -290,7 +290,7 @@ def sum_by_id(id_col, ids, mass, total, hit):  # type: ignore[no-untyped-def]
             hit[lo] = True
 
 
-def compile_search(n_heads: int) -> None:
+def compile_kernels(n_heads: int) -> None:
     """Compile the kernels (`search_heads` for memories of `n_heads` KV heads, the write's) or
     load them from numba's disk cache: otherwise a session's first read or write waits (seconds)."""
     empty = (

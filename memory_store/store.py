@@ -420,12 +420,12 @@ class KeySlot(EntryStore):
         values: np.ndarray,
         meta: dict[str, np.ndarray],
         turn: int,
-        norms: np.ndarray | None = None,
-        unit: np.ndarray | None = None,
+        norms: np.ndarray,
+        unit: np.ndarray,
     ) -> tuple[int, int]:
-        """Add or merge T incoming entries; keys float32 [T, D] fp16-rounded, values float16 [T, D];
-        `norms` [T] and `unit` [T, D] of the keys when the caller computed them for many slots at
-        once (`SessionMemory.write`).
+        """Add or merge T incoming entries; keys float32 [T, D] fp16-rounded, values float16 [T, D],
+        with their `norms` [T] and `unit` [T, D] (`key_norms`, which `SessionMemory.write` runs
+        for all slots at once).
 
         An incoming key merges into the existing entry of highest cosine when that cosine reaches
         merge_threshold. Among the keys of one write that match nothing, a key merges into the first
@@ -433,8 +433,6 @@ class KeySlot(EntryStore):
         apply in token order. Returns (added, merged).
         """
         p, n0, T = self.params, len(self), len(keys)
-        if norms is None or unit is None:
-            norms, unit = key_norms(keys)
         target = np.full(T, -1, dtype=np.int64)  # existing row each token merges into
         if n0 and p.merge_threshold <= 1.0:
             best, cos = self.nearest_cosine(unit)

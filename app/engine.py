@@ -31,7 +31,14 @@ from sqlalchemy.orm import Session as DbSession
 from sqlalchemy.orm import sessionmaker
 
 from app.chat_format import ChatFormat, EncodedMessage
-from app.memory_llama import ForwardOutput, ReadConfig, WindowCache, forward, forward_batch
+from app.memory_llama import (
+    ForwardOutput,
+    ReadConfig,
+    WindowCache,
+    compile_attention,
+    forward,
+    forward_batch,
+)
 from app.model import LoadedModel
 from memory_store import EntryReads, MemoryParams, SessionMemory
 from memory_store.errors import InvalidExport, SessionNotFound
@@ -437,6 +444,7 @@ class Engine:
         self.max_positions = int(getattr(cfg, "max_position_embeddings", 8192))
         single_threaded_search()
         compile_kernels(self.n_kv)  # now, not in a user's first turn
+        compile_attention()
 
     # ----- sessions -------------------------------------------------------------------------
     def create_session(

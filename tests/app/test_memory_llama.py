@@ -275,10 +275,63 @@ def test_a_batched_step_equals_one_step_per_sequence(lm: LoadedModel) -> None:
         assert wa.length == wb.length
         torch.testing.assert_close(b.logits, a.logits, atol=1e-4, rtol=0)
         torch.testing.assert_close(b.hidden, a.hidden, atol=1e-4, rtol=1e-4)
-        # windows keep keys as float16 values: rounding may land one float16 step apart
-        diff = (wb.keys[:, :, : wb.length] - wa.keys[:, :, : wa.length]).abs()
-        assert diff.max().item() <= 2e-3 and (diff > 0).float().mean().item() < 1e-3
+        # the tokens before the step are untouched; the step's keys are kept as float16 values,
+        # whose rounding may land one float16 step apart (measured: 14-18 of 5760)
+        n = wa.length - 1
+        assert torch.equal(wb.keys[:, :, :n], wa.keys[:, :, :n])
+        diff = (wb.keys[:, :, n] - wa.keys[:, :, n]).abs()
+        assert diff.max().item() <= 2e-3 and (diff > 0).float().mean().item() < 1e-2
     assert (
         batched[0].memory_mass is not None and len(batched[0].memory_mass) == cfg.num_hidden_layers
     )
     assert batched[1].memory_mass is None and batched[0].read_seconds > 0
+
+
+class _FixedHits:
+    """A memory returning the same random hits (one a miss) for every query."""
+
+    def __init__(self, h: int, g: int, k: int, d: int) -> None:
+        rng = np.random.default_rng(3)
+        self.ids = rng.integers(0, 100, (h, g, k))
+        self.scores = (3 * rng.standard_normal((h, g, k))).astype(np.float32)
+        self.log_strength = np.log(rng.uniform(0.05, 1, (h, g, k))).astype(np.float32)
+        self.values = rng.standard_normal((h, g, k, d)).astype(np.float32)
+        self.ids[:, :, -1], self.scores[:, :, -1] = -1, 0.0  # no entry: logit -inf, no weight
+        self.log_strength[:, :, -1], self.values[:, :, -1] = -np.inf, 0.0
+
+    def entry_count(self) -> int:
+        return 1
+
+    def token_count(self) -> int:
+        return 0
+
+    def search(self, layer: int, queries: np.ndarray, k: int, with_keys: bool = True):  # noqa: ANN201
+        from types import SimpleNamespace
+
+        return SimpleNamespace(
+            ids=self.ids, scores=self.scores, log_strength=self.log_strength, values=self.values
+        )
+
+
+def test_decoding_step_kernel_equals_the_general_path() -> None:
+    """One new token in float32 takes the compiled path (`decode_attention`, over the window's
+    whole buffers); the general torch path (taken for a view of the window) gives the same
+    output and memory weights."""
+    torch.manual_seed(1)
+    hq, h, d, capacity, past = 9, 3, 64, 300, 211
+    q = torch.randn(hq, 1, d)
+    keys, values = torch.randn(h, capacity, d), torch.randn(h, capacity, d)
+    keys[:, past + 1 :] = 1e4  # past the window: must not be read
+    for memory in (None, _FixedHits(h, hq // h, 5, d)):
+        fast, ids, w_fast, _ = attend(q, keys, values, d**-0.5, past, memory, 0, 5)
+        view_k, view_v = keys[:, : past + 1], values[:, : past + 1]
+        assert not view_k.is_contiguous()
+        slow, ids_slow, w_slow, _ = attend(q, view_k, view_v, d**-0.5, past, memory, 0, 5)
+        torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+        if memory is None:
+            assert ids is None and w_fast is None
+            continue
+        assert ids is not None and w_fast is not None and w_slow is not None
+        np.testing.assert_array_equal(ids, ids_slow)
+        np.testing.assert_allclose(w_fast, w_slow, atol=1e-6)
+        assert (w_fast[:, :, -1] == 0).all() and (w_fast[:, :, :-1] > 0).all()

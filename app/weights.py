@@ -11,10 +11,16 @@ weights read, plus a fixed cost per call. `pack_weights` therefore
   - ``fp32``: as loaded (exact: the reference);
   - ``bf16``: bfloat16 weights, activations cast to bf16 for the product (half the bytes);
   - ``int8``: weight-only int8, symmetric per output channel (scale = max |w| / 127), computed by
-    torch's ``_weight_int8pack_mm`` kernel with bf16 activations (a quarter of the bytes).
+    torch's ``_weight_int8pack_mm`` kernel with bf16 activations (a quarter of the bytes);
+  - ``int4``: weight-only 4-bit, asymmetric per group of 32 inputs (bf16 scale and zero point),
+    computed by torch's ``_weight_int4pack_mm_for_cpu`` with bf16 activations (an eighth of the
+    bytes). The bundled GGUF stores every decoder matrix as Q4_1, which is this very layout (4-bit
+    codes, a scale and a minimum per 32 inputs): its weights come back on the same grid but for
+    the bf16 rounding of scale and zero point.
 
 Norms, embeddings, RoPE, attention and the window/memory tensors stay float32 in every format.
-The LM head (tied to the embedding in SmolLM2) gets its own packed copy in ``bf16``/``int8``; the
+The LM head (tied to the embedding in SmolLM2) gets its own packed copy in ``bf16``/``int8``, and
+in ``int8`` under ``int4`` (the GGUF's embedding is Q8_0: 4 bits would lose precision it has); the
 embedding lookup keeps the float32 table.
 """
 
@@ -26,8 +32,10 @@ import torch
 from torch import nn
 from transformers import LlamaForCausalLM
 
-WeightFormat = Literal["fp32", "bf16", "int8"]
-WEIGHT_FORMATS: tuple[WeightFormat, ...] = ("fp32", "bf16", "int8")
+WeightFormat = Literal["fp32", "bf16", "int8", "int4"]
+WEIGHT_FORMATS: tuple[WeightFormat, ...] = ("fp32", "bf16", "int8", "int4")
+INT4_GROUP = 32  # inputs per scale/zero point in int4 (Q4_1's block size)
+_INT4_ROWS = 16  # torch's int4 CPU layout needs a multiple of 16 output rows
 
 
 class PackedLinear(nn.Module):
@@ -36,6 +44,7 @@ class PackedLinear(nn.Module):
 
     weight: torch.Tensor
     scale: torch.Tensor | None
+    rows: tuple[int, int] | None = None  # a part of an int4 matrix: its rows of the product
 
     def __init__(self, weight: torch.Tensor, fmt: WeightFormat) -> None:
         super().__init__()
@@ -43,7 +52,11 @@ class PackedLinear(nn.Module):
         self.fmt = fmt
         self.in_features = int(w.shape[1])
         self.out_features = int(w.shape[0])
-        if fmt == "int8":
+        if fmt == "int4":
+            packed, scale_zero = _pack_int4(w)
+            self.register_buffer("weight", packed)
+            self.register_buffer("scale", scale_zero)
+        elif fmt == "int8":
             scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
             q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
             self.register_buffer("weight", q.contiguous())
@@ -63,6 +76,15 @@ class PackedLinear(nn.Module):
         part.fmt = fused.fmt
         part.in_features = fused.in_features
         part.out_features = end - start
+        part.rows = None
+        if fused.fmt == "int4":
+            # torch's int4 layout interleaves rows in blocks chosen by the matrix's height: a
+            # slice of it is no matrix, so the part computes the whole product and keeps its rows
+            # (only transformers' own forward uses the parts; memchat's uses the fused matrices)
+            part.register_buffer("weight", fused.weight)
+            part.register_buffer("scale", fused.scale)
+            part.rows = (start, end)
+            return part
         part.register_buffer("weight", fused.weight[start:end])
         part.register_buffer("scale", None if fused.scale is None else fused.scale[start:end])
         return part
@@ -70,7 +92,13 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if self.fmt == "int8":
+        if self.fmt == "int4":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2.to(torch.bfloat16), self.weight, INT4_GROUP, self.scale
+            )
+            if self.rows is not None:
+                y = y[:, self.rows[0] : self.rows[1]]
+        elif self.fmt == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scale)
         elif self.fmt == "bf16":
             y = torch.nn.functional.linear(x2.to(torch.bfloat16), self.weight)
@@ -80,6 +108,26 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, format={self.fmt}"
+
+
+def _pack_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` (out, in) as torch's CPU int4 layout: packed codes (out, in / 2) uint8 and bf16
+    scales and zero points (in / 32, out, 2), ``w ~ (code - 8) * scale + zero``. The scale spans
+    each group's range in 15 steps; codes are rounded against the bf16-rounded scale and zero."""
+    out_f, in_f = w.shape
+    if in_f % INT4_GROUP or out_f % _INT4_ROWS:
+        raise ValueError(
+            f"int4 needs input sizes divisible by {INT4_GROUP} and output sizes by {_INT4_ROWS}, "
+            f"not {in_f} and {out_f}: choose another weight format for this model"
+        )
+    groups = w.view(out_f, in_f // INT4_GROUP, INT4_GROUP)
+    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
+    scale = ((hi - lo) / 15).clamp_min(1e-12).to(torch.bfloat16)
+    zero = (lo + 8 * scale.float()).to(torch.bfloat16)
+    codes = (groups - zero.float()[..., None]) / scale.float()[..., None] + 8
+    codes = codes.round().clamp(0, 15).to(torch.int32).view(out_f, in_f)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    return packed, torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
 
 
 def _fuse(mods: list[nn.Linear], fmt: WeightFormat) -> tuple[PackedLinear, list[PackedLinear]]:
@@ -118,6 +166,6 @@ def pack_weights(model: LlamaForCausalLM, fmt: WeightFormat = "fp32") -> LlamaFo
         mlp.down_proj = PackedLinear(mlp.down_proj.weight, fmt)
     if fmt != "fp32":
         # a packed copy for the head; the embedding keeps the float32 table for lookups
-        model.lm_head = PackedLinear(model.lm_head.weight, fmt)
+        model.lm_head = PackedLinear(model.lm_head.weight, "int8" if fmt == "int4" else fmt)
     model.memchat_weights = fmt  # type: ignore[assignment]  # a plain attribute, not a module
     return model

@@ -301,8 +301,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench perf")
     ap.add_argument("--tokens", type=int, default=64, help="tokens decoded per measurement")
     ap.add_argument("--sizes", default="1000,10000", help="memory sizes in tokens")
-    ap.add_argument("--formats", default="fp32,bf16,int8", help="weight formats without memory")
-    ap.add_argument("--weights", default="int8", help="weight format of the memory conditions")
+    ap.add_argument(
+        "--formats", default="fp32,bf16,int8,int4", help="weight formats without memory"
+    )
+    ap.add_argument("--weights", default="int4", help="weight format of the memory conditions")
     ap.add_argument("--repeats", type=int, default=3, help="runs per condition (median reported)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--turns", default="10,100,1000", help="checkpoints of the long conversation")

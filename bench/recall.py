@@ -103,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reinforce", type=float, default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument(
-        "--weights", default=None, help="weight format (fp32, bf16, int8); default: the setting"
+        "--weights",
+        default=None,
+        help="weight format (fp32, bf16, int8, int4); default: the setting",
     )
     ap.add_argument(
         "--knn-roles",

@@ -1,4 +1,4 @@
-"""Packed weight formats (app/weights.py): fp32 exact, bf16 and int8 close to it."""
+"""Packed weight formats (app/weights.py): fp32 exact, bf16, int8 and int4 close to it."""
 
 from __future__ import annotations
 
@@ -40,6 +40,12 @@ def int8_lm() -> LoadedModel:
     return load_model(s.model_path, s.cache_dir, weights="int8")
 
 
+@pytest.fixture(scope="module")
+def int4_lm() -> LoadedModel:
+    s = Settings()
+    return load_model(s.model_path, s.cache_dir, weights="int4")
+
+
 def _memchat_logprobs(model: LlamaForCausalLM, ids: torch.Tensor) -> torch.Tensor:
     window = WindowCache(model, len(ids) + 4)
     return forward(model, ids, window, None, ReadConfig(), logits_from=0).logits
@@ -57,7 +63,7 @@ def test_fp32_packed_forward_equals_stock_transformers(lm: LoadedModel, stock) -
         assert (reference_logits(lm.model, ids) - ref).abs().max().item() < 2e-4
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
 def test_packed_linear_close_to_float(fmt: str) -> None:
     torch.manual_seed(0)
     w = torch.randn(96, 64)
@@ -66,7 +72,7 @@ def test_packed_linear_close_to_float(fmt: str) -> None:
     got = PackedLinear(w, fmt)(x)  # type: ignore[arg-type]
     assert got.dtype == torch.float32 and got.shape == exact.shape
     rel = ((got - exact).norm() / exact.norm()).item()
-    assert rel < 0.02, rel
+    assert rel < (0.1 if fmt == "int4" else 0.02), rel  # 16 levels per group of 32: ~5%
     assert rel > 0  # actually quantized: not the float32 product
 
 
@@ -92,4 +98,45 @@ def test_pack_weights_refuses_a_second_format(int8_lm: LoadedModel) -> None:
     with pytest.raises(ValueError, match="already packed as int8"):
         pack_weights(int8_lm.model, "fp32")
     with pytest.raises(ValueError, match="unknown weight format"):
-        pack_weights(int8_lm.model, "int4")  # type: ignore[arg-type]
+        pack_weights(int8_lm.model, "int3")  # type: ignore[arg-type]
+
+
+def test_int4_recovers_the_gguf_grid() -> None:
+    """Weights already on a Q4_1 grid (a code 0..15 times a scale plus a minimum per group of 32
+    inputs, as every decoder matrix of the bundled GGUF) come back on that grid, off only by the
+    bf16 rounding of scale and zero point; the output rows of a fused matrix can be taken apart."""
+    torch.manual_seed(1)
+    codes = torch.randint(0, 16, (64, 96)).float()
+    codes[:, ::32] = 0  # each group spans its whole range, as Q4_1's blocks do
+    codes[:, 1::32] = 15
+    scale = torch.rand(64, 3, 1) * 0.02 + 0.001
+    low = -torch.rand(64, 3, 1) * 0.1
+    w = (codes.view(64, 3, 32) * scale + low).view(64, 96)
+    packed = PackedLinear(w, "int4")
+    assert packed.weight.dtype == torch.uint8 and packed.weight.numel() == 64 * 96 // 2
+    x = torch.randn(3, 96)
+    got, exact = packed(x), x @ w.T
+    assert ((got - exact).norm() / exact.norm()).item() < 0.01  # a 4-bit rounding would be ~5%
+    part = PackedLinear.view_of(packed, 16, 40)
+    torch.testing.assert_close(part(x), got[:, 16:40])
+    with pytest.raises(ValueError, match="divisible by 32 and output sizes by 16"):
+        PackedLinear(torch.randn(24, 96), "int4")
+
+
+def test_int4_model_predicts_like_fp32(lm: LoadedModel, int4_lm: LoadedModel) -> None:
+    """On the bundled model int4 is the GGUF's own precision: it agrees with fp32 on nearly every
+    next token (measured: 132 of 133 positions; int8 126)."""
+    assert int4_lm.model.model.layers[3].mlp.gate_up_proj.weight.dtype == torch.uint8
+    assert int4_lm.model.lm_head.weight.dtype == torch.int8  # the head stays 8-bit
+    agree = total = 0
+    for text in PROMPTS:
+        ids = _ids(lm, text)
+        a = _memchat_logprobs(lm.model, ids)
+        b = _memchat_logprobs(int4_lm.model, ids)
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        total += len(ids)
+        top = a.argmax(-1, keepdim=True)
+        assert (a.gather(1, top).exp() - b.gather(1, top).exp()).abs().max().item() < 0.15
+        # the packed model's own transformers forward (views of the fused weights) agrees too
+        torch.testing.assert_close(reference_logits(int4_lm.model, ids), b, atol=2e-3, rtol=0)
+    assert agree / total >= 0.95, (agree, total)

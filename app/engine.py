@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session as DbSession
 from sqlalchemy.orm import sessionmaker
 
 from app.chat_format import ChatFormat, EncodedMessage
+from app.fused import compile_fused
 from app.memory_llama import (
     ForwardOutput,
     ReadConfig,
@@ -445,6 +446,7 @@ class Engine:
         single_threaded_search()
         compile_kernels(self.n_kv)  # now, not in a user's first turn
         compile_attention()
+        compile_fused()
 
     # ----- sessions -------------------------------------------------------------------------
     def create_session(

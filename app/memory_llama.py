@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from app.fused import add_rms_norm, bf16_bits, rope_store, silu_mul
+
 _LOG_FLOOR = math.log(1e-30)  # floor of the mixed output distribution, in log space
 _MAX_LAMBDA = 0.97  # the LM keeps a say even when copying
 # Reassociation lets LLVM vectorize the dot products; no 'ninf'/'nnan': -inf marks empty places.
@@ -519,7 +521,11 @@ def forward(
     # New keys/values go straight into the window's buffers when they fit, so attention reads a
     # view instead of concatenating the whole window in every layer.
     in_place = end <= window.capacity
-    for layer_idx, layer in enumerate(inner.layers):
+    fused = t == 1 and in_place and fused_norms(model) is not None
+    if fused:  # a decoding step: the layers' small operations compiled (`_decode_layers`)
+        h, step_s, step_mass = _decode_layers(model, h, [window], [past], [reader], [cfg])
+        read_s, masses = step_s[0], step_mass[0]
+    for layer_idx, layer in enumerate([] if fused else inner.layers):
         attn = layer.self_attn
         x = layer.input_layernorm(h)
         q, k, v = _project_qkv(attn, x, hq, window.n_kv, d)  # (Hq|H, T, D); k before RoPE
@@ -607,7 +613,10 @@ def forward_batch(
     h = inner.embed_tokens(torch.tensor(tokens, dtype=torch.long))  # (B, Dm)
     read_s = [0.0] * n
     masses: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(n)]
-    for layer_idx, layer in enumerate(inner.layers):
+    fused = fused_norms(model) is not None
+    if fused:
+        h, read_s, masses = _decode_layers(model, h, windows, pasts, readers, cfgs)
+    for layer_idx, layer in enumerate([] if fused else inner.layers):
         attn = layer.self_attn
         x = layer.input_layernorm(h)
         q, k, v = _project_qkv(attn, x, hq, h_kv, d)  # (Hq|H, B, D): the batch as "tokens"
@@ -658,6 +667,103 @@ def forward_batch(
     for w in windows:  # only once every output exists: a failure leaves every window as it was
         w.commit_written(1)
     return results
+
+
+def fused_norms(model: LlamaForCausalLM) -> tuple[list[np.ndarray], list[np.ndarray], float] | None:
+    """The layers' input and post-attention norm weights (numpy views) and epsilon, when a
+    decoding step can run `_decode_layers`: float32 activations, matmuls packed to take bf16
+    (`app.weights` bf16/int8/int4) and a SiLU-gated MLP; else None."""
+    cached = getattr(model, "memchat_fused_norms", None)
+    if cached is not None:
+        return cached or None
+    cfg = model.config
+    ok = (
+        getattr(model, "memchat_weights", None) in ("bf16", "int8", "int4")
+        and model.model.embed_tokens.weight.dtype == torch.float32
+        and getattr(cfg, "hidden_act", "") == "silu"
+        and all(hasattr(layer.mlp, "gate_up_proj") for layer in model.model.layers)
+    )
+    found: Any = ()
+    if ok:
+        layers = model.model.layers
+        found = (
+            [layer.input_layernorm.weight.detach().numpy() for layer in layers],
+            [layer.post_attention_layernorm.weight.detach().numpy() for layer in layers],
+            float(layers[0].input_layernorm.variance_epsilon),
+        )
+    model.memchat_fused_norms = found  # a plain attribute, not a module
+    return found or None
+
+
+def _decode_layers(
+    model: LlamaForCausalLM,
+    h: torch.Tensor,
+    windows: list[WindowCache],
+    pasts: list[int],
+    readers: list[MemoryReader | None],
+    cfgs: list[ReadConfig],
+) -> tuple[torch.Tensor, list[float], list[list[tuple[np.ndarray, np.ndarray]]]]:
+    """The decoder layers for one new token per sequence (``h`` (B, Dm) its embeddings, window
+    ``b`` holding ``pasts[b]`` tokens with room for one more), with the small operations between
+    the matmuls compiled (`app.fused`): norms, RoPE with the window writes, the gated activation.
+    Returns the last residual stream (B, Dm) before the final norm, and per sequence the seconds
+    spent reading memory and the (ids, weights) each layer's memory read gave."""
+    norms = fused_norms(model)
+    assert norms is not None
+    norm_in, norm_post, eps = norms
+    inner = model.model
+    n = h.shape[0]
+    hq = model.config.num_attention_heads
+    d = windows[0].head_dim
+    scaling = d**-0.5
+    hs = h.float().contiguous()
+    hn = hs.numpy()
+    x = torch.empty(n, hs.shape[1], dtype=torch.bfloat16)
+    xb = bf16_bits(x)
+    act: torch.Tensor | None = None
+    q_rot = torch.empty(n, hq, d)
+    tables = []
+    for p in pasts:
+        cos, sin = rope_tables(model, p, 1, torch.float32)
+        tables.append((cos[0].numpy(), sin[0].numpy()))
+    delta = np.empty((0, hs.shape[1]), dtype=np.uint16)  # no residual to add before layer 0
+    read_s = [0.0] * n
+    masses: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(n)]
+    for layer_idx, layer in enumerate(inner.layers):
+        add_rms_norm(hn, delta, norm_in[layer_idx], eps, xb)
+        qkv = bf16_bits(layer.self_attn.qkv_proj(x))
+        outs = []
+        for b, w in enumerate(windows):
+            keys_rot, values = w.keys_rot[layer_idx], w.values[layer_idx]
+            rope_store(
+                qkv[b], tables[b][0], tables[b][1], hq, w.keys[layer_idx].numpy(),
+                keys_rot.numpy(), values.numpy(), pasts[b], q_rot[b].numpy(),
+            )  # fmt: skip
+            out_b, ids, w_mem, secs = _attend(
+                q_rot[b].unsqueeze(1),
+                keys_rot,
+                values,
+                scaling,
+                pasts[b],
+                readers[b],
+                layer_idx,
+                cfgs[b].top_k,
+                cfgs[b].collect_mass,
+            )
+            outs.append(out_b)
+            read_s[b] += secs
+            if cfgs[b].collect_mass and ids is not None and w_mem is not None:
+                masses[b].append((ids, w_mem))
+        attn_out = outs[0] if n == 1 else torch.cat(outs)
+        o = layer.self_attn.o_proj(attn_out.to(torch.bfloat16))
+        add_rms_norm(hn, bf16_bits(o), norm_post[layer_idx], eps, xb)
+        gate_up = bf16_bits(layer.mlp.gate_up_proj(x))
+        if act is None:
+            act = torch.empty(n, gate_up.shape[1] // 2, dtype=torch.bfloat16)
+        silu_mul(gate_up, bf16_bits(act))
+        delta = bf16_bits(layer.mlp.down_proj(act))
+    hs += torch.from_numpy(delta).view(torch.int16).view(torch.bfloat16).float()
+    return hs, read_s, masses
 
 
 def _project_qkv(

@@ -322,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from app.config import Settings
     from app.engine import single_threaded_search
+    from app.fused import compile_fused
     from app.memory_llama import ReadConfig, compile_attention
     from app.model import load_model, resolve_model_dir
     from memory_store import MemoryParams, SessionMemory
@@ -355,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     n_kv = int(cfg.num_key_value_heads or cfg.num_attention_heads)
     compile_kernels(n_kv)  # as the engine does at start: no compile inside a timed run
     compile_attention()
+    compile_fused()
     memories: dict[int, tuple[Any, float, float]] = {}  # size -> (memory, write s, fill s)
     for size in [int(s) for s in args.sizes.split(",") if s]:
         mem = SessionMemory(cfg.num_hidden_layers, n_kv, 64, cfg.hidden_size, params)

@@ -65,6 +65,9 @@ def _float_to_bits(typingctx, x):  # type: ignore[no-untyped-def]  # numba typin
 # (older CPUs, NUMBA_CPU_NAME=generic) they become library calls the JIT cannot link (a crash).
 _as_f32: Any = intrinsic(_bits_to_float)
 _as_u32: Any = intrinsic(_float_to_bits)
+# public names for other compiled code (app.fused: bfloat16 bits)
+float_from_bits: Any = _as_f32
+bits_of_float: Any = _as_u32
 
 
 @nb.njit(cache=True, nogil=True, inline="always")

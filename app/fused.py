@@ -1,0 +1,112 @@
+"""Compiled pieces of a decoding step, between its matmuls (numba).
+
+Decoding one token runs some sixty small torch operations per layer besides the four matmuls
+(norms, RoPE, window writes, the gated activation, dtype conversions, views); at batch 1 their
+per-call cost, not their arithmetic, was a fifth of a step once the weights were 4-bit. Here they
+are four calls per layer. Activations cross to the packed matmuls as bfloat16, which is what the
+int4/int8 kernels compute in anyway (`app.weights`); bf16 values travel as their uint16 bits
+(numba has no bfloat16): widening is a shift, narrowing rounds to nearest even as torch does.
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+import torch
+
+from memory_store.kernels import bits_of_float, float_from_bits
+
+# Reassociation lets LLVM vectorize the sums; no 'ninf'/'nnan' (nothing here needs them either).
+_FASTMATH = {"reassoc", "contract"}
+
+
+def bf16_bits(t: torch.Tensor) -> np.ndarray:
+    """The uint16 bits of a contiguous bfloat16 tensor, as a numpy view (no copy)."""
+    return t.view(torch.int16).numpy().view(np.uint16)
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _widen(bits):  # type: ignore[no-untyped-def]  # numba compiles it
+    """bfloat16 bits -> float32."""
+    return float_from_bits(np.int64(bits) << 16)
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _narrow(x):  # type: ignore[no-untyped-def]  # numba compiles it
+    """float32 -> bfloat16 bits, rounded to nearest even as torch rounds (no NaNs arrive here)."""
+    u = bits_of_float(np.float32(x))
+    return np.uint16((u + 0x7FFF + ((u >> 16) & 1)) >> 16)
+
+
+@nb.njit(cache=True, fastmath=_FASTMATH, nogil=True)
+def add_rms_norm(h, delta, weight, eps, out):  # type: ignore[no-untyped-def]  # numba compiles it
+    """``h += delta`` (bf16 bits [B, Dm]; none when it has no rows), then ``out`` <- bf16 bits of
+    ``weight * h / sqrt(mean(h^2) + eps)`` per row (h float32 [B, Dm], weight float32 [Dm])."""
+    B, Dm = h.shape
+    add = delta.shape[0] > 0
+    for b in range(B):
+        if add:
+            for i in range(Dm):
+                h[b, i] += _widen(delta[b, i])
+        ss = np.float32(0.0)
+        for i in range(Dm):
+            ss += h[b, i] * h[b, i]
+        r = np.float32(1.0) / np.sqrt(ss / np.float32(Dm) + np.float32(eps))
+        for i in range(Dm):
+            out[b, i] = _narrow(weight[i] * (h[b, i] * r))
+
+
+@nb.njit(cache=True, fastmath=_FASTMATH, nogil=True)
+def silu_mul(gate_up, out):  # type: ignore[no-untyped-def]  # numba compiles it
+    """``out`` <- bf16 bits of ``silu(gate) * up``, gate and up the halves of each row of
+    ``gate_up`` (bf16 bits [B, 2I])."""
+    B, I2 = gate_up.shape
+    n = I2 // 2
+    for b in range(B):
+        for i in range(n):
+            g = _widen(gate_up[b, i])
+            out[b, i] = _narrow(g / (np.float32(1.0) + np.exp(-g)) * _widen(gate_up[b, n + i]))
+
+
+# no fastmath: products rounded apart, as transformers' RoPE, so the rotated keys are its bits
+@nb.njit(cache=True, nogil=True)
+def rope_store(qkv, cos, sin, n_q, keys, keys_rot, values, past, q_rot):  # type: ignore[no-untyped-def]  # numba compiles it
+    """One token's projections ``qkv`` (bf16 bits [(Hq + 2H) * D]: queries, keys, values) with
+    RoPE ``cos``/``sin`` [D] of its position: the key before and after RoPE and the value go to
+    row ``past`` of the window buffers (float32 [H, capacity, D]), the rotated queries to
+    ``q_rot`` (float32 [Hq, D]). RoPE as transformers: ``x * cos + rotate_half(x) * sin``."""
+    H, _, D = keys.shape
+    half = D // 2
+    x = np.empty(D, dtype=np.float32)
+    for head in range(n_q + 2 * H):
+        base = head * D
+        for d in range(D):
+            x[d] = _widen(qkv[base + d])
+        if head >= n_q + H:  # a value
+            for d in range(D):
+                values[head - n_q - H, past, d] = x[d]
+            continue
+        for d in range(D):
+            other = -x[d + half] if d < half else x[d - half]
+            r = x[d] * cos[d] + other * sin[d]
+            if head < n_q:
+                q_rot[head, d] = r
+            else:
+                keys_rot[head - n_q, past, d] = r
+        if head >= n_q:
+            for d in range(D):
+                keys[head - n_q, past, d] = x[d]
+
+
+def compile_fused() -> None:
+    """Compile the kernels or load them from numba's disk cache (seconds otherwise, in the first
+    decoding step)."""
+    bits = np.zeros((1, 2), np.uint16)
+    add_rms_norm(np.zeros((1, 2), np.float32), bits, np.ones(2, np.float32), 1e-5, bits.copy())
+    add_rms_norm(np.zeros((1, 2), np.float32), bits[:0], np.ones(2, np.float32), 1e-5, bits.copy())
+    silu_mul(bits, np.zeros((1, 1), np.uint16))
+    buf = np.zeros((1, 1, 2), np.float32)
+    rope_store(
+        np.zeros(6, np.uint16), np.ones(2, np.float32), np.zeros(2, np.float32), 1,
+        buf, buf.copy(), buf.copy(), 0, np.zeros((1, 2), np.float32),
+    )  # fmt: skip

@@ -1,0 +1,162 @@
+"""The compiled pieces of a decoding step (app/fused.py) against the torch operations they
+replace, and a decoding step with them against one without."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from app.config import Settings
+from app.fused import add_rms_norm, bf16_bits, rope_store, silu_mul
+from app.memory_llama import ReadConfig, WindowCache, forward, fused_norms, rope_tables
+from app.model import LoadedModel, load_model
+
+
+def test_add_rms_norm_equals_torch() -> None:
+    torch.manual_seed(0)
+    h = torch.randn(3, 576) * 3
+    weight = torch.rand(576) + 0.5
+    delta = torch.randn(3, 576).bfloat16()
+    summed = h + delta.float()
+    ref = (weight * (summed * torch.rsqrt(summed.pow(2).mean(-1, keepdim=True) + 1e-5))).bfloat16()
+    out = torch.empty(3, 576, dtype=torch.bfloat16)
+    add_rms_norm(h.numpy(), bf16_bits(delta), weight.numpy(), 1e-5, bf16_bits(out))
+    assert torch.equal(h, summed)  # the residual stream is updated in place
+    # bf16 rounds as torch rounds: at most a rare one-step difference from the sum's order
+    assert (out != ref).float().mean().item() < 0.01
+    assert (out.float() - ref.float()).abs().max().item() <= 2**-7 * ref.float().abs().max()
+    before = h.clone()
+    add_rms_norm(h.numpy(), np.empty((0, 576), np.uint16), weight.numpy(), 1e-5, bf16_bits(out))
+    assert torch.equal(h, before)  # no delta: nothing added
+
+
+def test_silu_mul_equals_torch() -> None:
+    torch.manual_seed(1)
+    gate_up = (torch.randn(2, 256) * 4).bfloat16()
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    ref = (torch.nn.functional.silu(gate) * up).bfloat16()
+    out = torch.empty(2, 128, dtype=torch.bfloat16)
+    silu_mul(bf16_bits(gate_up), bf16_bits(out))
+    assert (out != ref).float().mean().item() < 0.01
+
+
+def test_rope_store_equals_transformers_rope(lm: LoadedModel) -> None:
+    """Rotated queries and keys with transformers' bits; the key before and after RoPE and the
+    value land in the window's row ``past`` and nowhere else."""
+    torch.manual_seed(2)
+    hq, h, d, past = 9, 3, 64, 37
+    qkv = torch.randn((hq + 2 * h) * d).bfloat16()
+    q, k, v = qkv.float().split((hq * d, h * d, h * d))
+    cos, sin = rope_tables(lm.model, past, 1, torch.float32)
+    q_ref, k_ref = apply_rotary_pos_emb(
+        q.view(hq, 1, d), k.view(h, 1, d), cos, sin, unsqueeze_dim=0
+    )
+    keys, keys_rot, values = (torch.zeros(h, 64, d) for _ in range(3))
+    q_rot = torch.empty(hq, d)
+    rope_store(
+        bf16_bits(qkv), cos[0].numpy(), sin[0].numpy(), hq, keys.numpy(), keys_rot.numpy(),
+        values.numpy(), past, q_rot.numpy(),
+    )  # fmt: skip
+    assert torch.equal(q_rot, q_ref[:, 0])
+    assert torch.equal(keys_rot[:, past], k_ref[:, 0])
+    assert torch.equal(keys[:, past], k.view(h, d)) and torch.equal(values[:, past], v.view(h, d))
+    others = torch.ones(64, dtype=torch.bool)
+    others[past] = False
+    assert not keys[:, others].any() and not keys_rot[:, others].any()
+    assert not values[:, others].any()
+
+
+@pytest.fixture(scope="module")
+def int4_lm() -> LoadedModel:
+    s = Settings()
+    return load_model(s.model_path, s.cache_dir, weights="int4")
+
+
+def test_fused_decoding_step_equals_the_unfused_one(lm: LoadedModel, int4_lm: LoadedModel) -> None:
+    """A decoding step of a packed model runs the compiled pieces (fp32 weights do not); its
+    output equals the step through torch operations up to the rounding of bf16 activations."""
+    assert fused_norms(lm.model) is None  # fp32: the torch path
+    model = int4_lm.model
+    assert fused_norms(model) is not None
+    ids = torch.tensor(int4_lm.tokenizer.encode("The lighthouse keeper climbed the stairs and"))
+    window = WindowCache(model, 64)
+    first = forward(model, ids, window, None, ReadConfig())
+    nxt = first.logits[-1].argmax().view(1)
+    twin = copy.deepcopy(window)
+    fused = forward(model, nxt, window, None, ReadConfig())
+    model.memchat_fused_norms = ()  # as a model the compiled path does not fit
+    try:
+        plain = forward(model, nxt, twin, None, ReadConfig())
+    finally:
+        model.memchat_fused_norms = None
+    assert window.length == twin.length == len(ids) + 1
+    assert fused.logits.argmax() == plain.logits.argmax()
+    rel = ((fused.hidden - plain.hidden).norm() / plain.hidden.norm()).item()
+    assert rel < 0.02, rel  # measured 0.006: bf16 rounding flips from the norms' summation order
+    assert (fused.logits.exp() - plain.logits.exp()).abs().max().item() < 0.02
+    for name in ("keys", "values", "keys_rot"):
+        n = window.length
+        a, b = getattr(window, name)[:, :, :n], getattr(twin, name)[:, :, :n]
+        assert torch.equal(a[:, :, :-1], b[:, :, :-1])  # earlier tokens untouched
+        assert ((a - b).norm() / b.norm()).item() < 0.02
+
+
+def test_fused_steps_read_memory_as_the_unfused_ones(int4_lm: LoadedModel) -> None:
+    """With a memory, alone and batched: the same entries read in every layer, their weights
+    and the outputs equal up to bf16 rounding."""
+    from app.memory_llama import forward_batch
+    from memory_store import SessionMemory
+
+    model = int4_lm.model
+    cfg = model.config
+    text = "My locker code is 4417 and my sister lives in Lisbon."
+    ids = torch.tensor(int4_lm.tokenizer.encode(text))
+    seen = WindowCache(model, 64, round_fp16=True)
+    out = forward(model, ids, seen, None, ReadConfig())
+    memory = SessionMemory(cfg.num_hidden_layers, cfg.num_key_value_heads, 64, cfg.hidden_size)
+    t = len(ids)
+    memory.write(
+        seen.keys[:, :, :t].float().numpy(),
+        seen.values[:, :, :t].float().numpy(),
+        ids.numpy(),
+        np.zeros(t, np.int64),
+        np.arange(t),
+    )
+    memory.write_knn(
+        out.hidden.float().numpy(),
+        np.append(ids[1:], 2),
+        ids.numpy(),
+        np.zeros(t, np.int64),
+        np.arange(t),
+    )
+    prompt = torch.tensor(int4_lm.tokenizer.encode("What is my locker code?"))
+    read = ReadConfig(collect_mass=True)
+    windows = []
+    for _ in range(4):
+        w = WindowCache(model, 64)
+        last = forward(model, prompt, w, memory, ReadConfig())
+        windows.append(w)
+    nxt = int(last.logits[-1].argmax())
+    fused = forward(model, torch.tensor([nxt]), windows[0], memory, read)
+    batched = forward_batch(model, [nxt, nxt], windows[1:3], [memory, memory], [read, read])
+    model.memchat_fused_norms = ()
+    try:
+        plain = forward(model, torch.tensor([nxt]), windows[3], memory, read)
+    finally:
+        model.memchat_fused_norms = None
+    assert plain.memory_mass is not None
+    for got in (fused, *batched):
+        assert got.memory_mass is not None and len(got.memory_mass) == cfg.num_hidden_layers
+        assert got.logits.argmax() == plain.logits.argmax()
+        assert (got.logits.exp() - plain.logits.exp()).abs().max().item() < 0.02
+        for a, b in zip(got.memory_mass, plain.memory_mass, strict=True):
+            for ia, ib, ma, mb in zip(a.ids, b.ids, a.mass, b.mass, strict=True):
+                # mass per entry (an order swap of near-equal scores changes no sum)
+                keys = np.union1d(ia, ib)
+                ga = np.bincount(np.searchsorted(keys, ia), weights=ma, minlength=len(keys))
+                gb = np.bincount(np.searchsorted(keys, ib), weights=mb, minlength=len(keys))
+                assert np.abs(ga - gb).max() < 0.02

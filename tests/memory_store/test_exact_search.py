@@ -196,15 +196,20 @@ def test_kernel_and_blas_reads_agree_and_ties_go_to_the_older_entry(rng, monkeyp
         np.testing.assert_array_equal(r.ids[0, g], tied.slots[0][0].col("id")[order])
 
 
-def test_kernel_float16_conversion_is_exact_for_every_bit_pattern() -> None:
+@pytest.mark.parametrize("widen", ["_f16_bits_to_f32", "_f16_bits_to_f32_portable"])
+def test_kernel_float16_conversion_is_exact_for_every_bit_pattern(widen: str) -> None:
+    """The widening the kernels use (F16C's where the CPU has it) and the portable one."""
     import numba
 
-    from memory_store.kernels import _f16_bits_to_f32, _f32_to_f16_bits
+    from memory_store import kernels
+    from memory_store.kernels import _f32_to_f16_bits
+
+    to_f32 = getattr(kernels, widen)
 
     @numba.njit
     def convert(bits: np.ndarray, out: np.ndarray, back: np.ndarray) -> None:
         for i in range(bits.shape[0]):
-            out[i] = _f16_bits_to_f32(bits[i])
+            out[i] = to_f32(bits[i])
             back[i] = _f32_to_f16_bits(out[i])
 
     bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)

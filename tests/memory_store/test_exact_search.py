@@ -64,7 +64,8 @@ def _fill(mem: SessionMemory, rng: np.random.Generator, turns: int, T: int) -> N
 def _check_exact(mem: SessionMemory, rng: np.random.Generator, k: int) -> None:
     """Every flat slot's read equals a float64 brute force over its live entries, and FAISS,
     with a few queries (a decoding step: the compiled kernel) and with more (BLAS)."""
-    for layer, Q in [(layer, Q) for layer in range(L) for Q in (2, 9)]:
+    many = store_mod._KERNEL_MAX_QUERIES + 1
+    for layer, Q in [(layer, Q) for layer in range(L) for Q in (2, 9, many)]:
         q = rng.standard_normal((H, Q, D)).astype(np.float32)
         r = mem.search(layer, q, k)
         r_nokeys = mem.search(layer, q, k, with_keys=False)
@@ -133,8 +134,8 @@ def test_exact_read_blocks_and_chunks(rng, monkeypatch) -> None:
     rounding."""
     mem = SessionMemory(L, H, D, DM, MemoryParams(merge_threshold=2.0))
     _fill(mem, rng, 2, 400)
-    q = rng.standard_normal((H, 50, D)).astype(np.float32)
-    whole = mem.search(1, q, 16)
+    q = rng.standard_normal((H, store_mod._KERNEL_MAX_QUERIES + 20, D)).astype(np.float32)
+    whole = mem.search(1, q, 16)  # beyond the kernel's queries: the BLAS read
     monkeypatch.setattr(store_mod, "_SCORE_BLOCK", 1)  # one query per block
     monkeypatch.setattr(store_mod, "_GEMM_MNK", 1)  # 256 key rows per matmul
     parts = mem.search(1, q, 16)
@@ -169,12 +170,16 @@ def test_search_rejects_a_layer_outside_the_model() -> None:
         mem.search(L, np.zeros((H, 1, D), np.float32), 4)
 
 
-def test_kernel_and_blas_reads_agree_and_ties_go_to_the_older_entry(rng, monkeypatch) -> None:
-    """The compiled read (few queries) and the BLAS read give the same entries; among equal
-    scores the kernel keeps the older entries (lower rows), as a stable sort would."""
+@pytest.mark.parametrize("queries", [3, 50, store_mod._KERNEL_MAX_QUERIES])
+def test_kernel_and_blas_reads_agree_and_ties_go_to_the_older_entry(
+    rng, monkeypatch, queries: int
+) -> None:
+    """The compiled read (up to _KERNEL_MAX_QUERIES queries) and the BLAS read give the same
+    entries; among equal scores the kernel keeps the older entries (lower rows), as a stable sort
+    would."""
     mem = SessionMemory(L, H, D, DM, MemoryParams(merge_threshold=2.0))
     _fill(mem, rng, 3, 120)
-    q = rng.standard_normal((H, 3, D)).astype(np.float32)
+    q = rng.standard_normal((H, queries, D)).astype(np.float32)
     kernel = mem.search(0, q, 16)
     monkeypatch.setattr(store_mod, "_KERNEL_MAX_QUERIES", 0)
     blas = mem.search(0, q, 16)

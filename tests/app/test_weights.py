@@ -9,7 +9,7 @@ from transformers import LlamaForCausalLM
 from app.config import Settings
 from app.memory_llama import ReadConfig, WindowCache, forward, reference_logits
 from app.model import LoadedModel, load_model, resolve_model_dir
-from app.weights import PackedLinear, pack_weights
+from app.weights import INT4_MAX_ROWS, PackedLinear, pack_weights
 
 PROMPTS = [
     "Name three colours of the rainbow, please.",
@@ -119,6 +119,13 @@ def test_int4_recovers_the_gguf_grid() -> None:
     assert ((got - exact).norm() / exact.norm()).item() < 0.01  # a 4-bit rounding would be ~5%
     part = PackedLinear.view_of(packed, 16, 40)
     torch.testing.assert_close(part(x), got[:, 16:40])
+    # many rows go through the bf16 copy of the same weights: the same products up to rounding
+    many = torch.randn(INT4_MAX_ROWS + 8, 96)
+    many[:3] = x
+    for mod in (packed, part):
+        few, lots = mod(x), mod(many)[:3]
+        assert ((lots - few).norm() / few.norm()).item() < 0.01
+        assert not torch.equal(lots, few)  # the other path indeed
     with pytest.raises(ValueError, match="divisible by 32 and output sizes by 16"):
         PackedLinear(torch.randn(24, 96), "int4")
 

@@ -14,10 +14,7 @@ import numba as nb
 import numpy as np
 import torch
 
-from memory_store.kernels import bits_of_float, float_from_bits
-
-# Reassociation lets LLVM vectorize the sums; no 'ninf'/'nnan' (nothing here needs them either).
-_FASTMATH = {"reassoc", "contract"}
+from memory_store.kernels import FASTMATH, bits_of_float, float_from_bits
 
 
 def bf16_bits(t: torch.Tensor) -> np.ndarray:
@@ -38,7 +35,7 @@ def _narrow(x):  # type: ignore[no-untyped-def]  # numba compiles it
     return np.uint16((u + 0x7FFF + ((u >> 16) & 1)) >> 16)
 
 
-@nb.njit(cache=True, fastmath=_FASTMATH, nogil=True)
+@nb.njit(cache=True, fastmath=FASTMATH, nogil=True)
 def add_rms_norm(h, delta, weight, eps, out):  # type: ignore[no-untyped-def]  # numba compiles it
     """``h += delta`` (bf16 bits [B, Dm]; none when it has no rows), then ``out`` <- bf16 bits of
     ``weight * h / sqrt(mean(h^2) + eps)`` per row (h float32 [B, Dm], weight float32 [Dm])."""
@@ -56,7 +53,7 @@ def add_rms_norm(h, delta, weight, eps, out):  # type: ignore[no-untyped-def]  #
             out[b, i] = _narrow(weight[i] * (h[b, i] * r))
 
 
-@nb.njit(cache=True, fastmath=_FASTMATH, nogil=True)
+@nb.njit(cache=True, fastmath=FASTMATH, nogil=True)
 def silu_mul(gate_up, out):  # type: ignore[no-untyped-def]  # numba compiles it
     """``out`` <- bf16 bits of ``silu(gate) * up``, gate and up the halves of each row of
     ``gate_up`` (bf16 bits [B, 2I])."""

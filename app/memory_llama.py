@@ -33,11 +33,10 @@ from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from app.fused import add_rms_norm, bf16_bits, rope_store, silu_mul
+from memory_store.kernels import FASTMATH
 
 _LOG_FLOOR = math.log(1e-30)  # floor of the mixed output distribution, in log space
 _MAX_LAMBDA = 0.97  # the LM keeps a say even when copying
-# Reassociation lets LLVM vectorize the dot products; no 'ninf'/'nnan': -inf marks empty places.
-_FASTMATH = {"reassoc", "contract"}
 
 
 class MemoryReader(Protocol):
@@ -332,36 +331,28 @@ def _attend_step(
     h = k.shape[0]
     g = hq // h
     qn = np.ascontiguousarray(q.reshape(hq, d).numpy())
-    scale = np.float32(scaling)  # as torch scales a float32 tensor
     out = torch.empty(1, hq * d)
-    if memory is None:
-        empty = np.empty((h, g, 0), dtype=np.float32)
-        decode_attention(
-            qn, k.numpy(), v.numpy(), past, scale, empty, empty,
-            np.empty((h, g, 0, d), dtype=np.float32), out.numpy(), empty,
-        )  # fmt: skip
-        return out, None, None, 0.0
-    t0 = time.perf_counter()
-    # (H, g, D): a KV head's query heads are its queries
-    found = memory.search(layer, qn.reshape(h, g, d), top_k, with_keys=False)
-    read_s = time.perf_counter() - t0
-    mass = np.empty(found.ids.shape, dtype=np.float32)
-    decode_attention(
-        qn,
-        k.numpy(),
-        v.numpy(),
-        past,
-        scale,
-        np.ascontiguousarray(found.scores, dtype=np.float32),
-        np.ascontiguousarray(found.log_strength, dtype=np.float32),
-        np.ascontiguousarray(found.values, dtype=np.float32),
-        out.numpy(),
-        mass,
-    )
-    return out, found.ids, mass, read_s
+    ids, read_s = None, 0.0
+    # no memory: zero hits per query
+    scores = log_s = np.empty((h, g, 0), dtype=np.float32)
+    values = np.empty((h, g, 0, d), dtype=np.float32)
+    if memory is not None:
+        t0 = time.perf_counter()
+        # (H, g, D): a KV head's query heads are its queries
+        found = memory.search(layer, qn.reshape(h, g, d), top_k, with_keys=False)
+        read_s = time.perf_counter() - t0
+        ids = found.ids
+        scores = np.ascontiguousarray(found.scores, dtype=np.float32)
+        log_s = np.ascontiguousarray(found.log_strength, dtype=np.float32)
+        values = np.ascontiguousarray(found.values, dtype=np.float32)
+    mass = np.empty(scores.shape, dtype=np.float32)
+    scale = np.float32(scaling)  # as torch scales a float32 tensor
+    kn, vn = k.numpy(), v.numpy()
+    decode_attention(qn, kn, vn, past, scale, scores, log_s, values, out.numpy(), mass)
+    return out, ids, (mass if ids is not None else None), read_s
 
 
-@nb.njit(cache=True, fastmath=_FASTMATH, nogil=True)
+@nb.njit(cache=True, fastmath=FASTMATH, nogil=True)
 def decode_attention(  # type: ignore[no-untyped-def]  # numba compiles it; arrays throughout
     q,  # float32 [Hq, D]: the new token's rotated queries
     keys,  # float32 [H, >=S, D]: rotated window keys, the new token's at row `past`

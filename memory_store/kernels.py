@@ -31,7 +31,17 @@ from numba import types
 from numba.extending import intrinsic
 
 # Reassociation lets LLVM vectorize the dot products; no 'ninf'/'nnan': -inf marks empty places.
-_FASTMATH = {"reassoc", "contract"}
+# (app's compiled code uses the same flags.)
+FASTMATH = {"reassoc", "contract"}
+
+
+def _to_width(builder, word, width):  # type: ignore[no-untyped-def]  # LLVM IR builder values
+    """Integer IR value `word` truncated or zero-extended to `width` bits."""
+    if word.type.width > width:
+        return builder.trunc(word, ir.IntType(width))
+    if word.type.width < width:
+        return builder.zext(word, ir.IntType(width))
+    return word
 
 
 def _bits_to_float(typingctx, bits):  # type: ignore[no-untyped-def]  # numba typing hook
@@ -40,12 +50,7 @@ def _bits_to_float(typingctx, bits):  # type: ignore[no-untyped-def]  # numba ty
         return None
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        word = args[0]
-        if word.type.width > 32:
-            word = builder.trunc(word, ir.IntType(32))
-        elif word.type.width < 32:
-            word = builder.zext(word, ir.IntType(32))
-        return builder.bitcast(word, ir.FloatType())
+        return builder.bitcast(_to_width(builder, args[0], 32), ir.FloatType())
 
     return types.float32(bits), codegen
 
@@ -78,12 +83,8 @@ def _half_to_float(typingctx, bits):  # type: ignore[no-untyped-def]  # numba ty
         return None
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        word = args[0]
-        if word.type.width > 16:
-            word = builder.trunc(word, ir.IntType(16))
-        elif word.type.width < 16:
-            word = builder.zext(word, ir.IntType(16))
-        return builder.fpext(builder.bitcast(word, ir.HalfType()), ir.FloatType())
+        half = builder.bitcast(_to_width(builder, args[0], 16), ir.HalfType())
+        return builder.fpext(half, ir.FloatType())
 
     return types.float32(bits), codegen
 
@@ -196,7 +197,7 @@ def _top_rows(scores, k, rows, best, cand):  # type: ignore[no-untyped-def]
         best[j] = scores[rows[j]]
 
 
-@nb.njit(cache=True, fastmath=_FASTMATH, nogil=True)
+@nb.njit(cache=True, fastmath=FASTMATH, nogil=True)
 def search_heads(  # type: ignore[no-untyped-def]  # numba compiles it; arrays throughout
     keys,  # tuple of H float32 [n_h, D]: each head's key column
     ids,  # tuple of H int64 [n_h]

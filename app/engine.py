@@ -421,6 +421,8 @@ class Engine:
         self.lm = lm
         self.model = lm.model
         self.fmt = ChatFormat(lm.tokenizer)
+        # the end-of-message ids as a tensor: what `min_tokens` keeps from being picked
+        self.stop_list = torch.tensor(sorted(self.fmt.stop_ids), dtype=torch.long)
         self.db = db
         self.window = window
         self.params = params or MemoryParams()
@@ -1028,14 +1030,27 @@ class Engine:
         top_p: float = 1.0,
         seed: int | None = None,
         stop: Sequence[str] = (),
+        min_tokens: int = 0,
     ) -> Turn:
         """One turn: iterate the result for the reply's text as it is generated; the turn is
         committed when it finishes (a turn closed early commits what was generated). Generation
         ends at the end-of-message token, at ``max_new_tokens`` or when the text reaches one of
-        the ``stop`` strings (cut off before it)."""
+        the ``stop`` strings (cut off before it). Before ``min_tokens`` reply tokens the
+        end-of-message token is never picked (stop strings still apply), as vLLM's
+        ``min_tokens``."""
+        if min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {min_tokens}")
         return Turn(
             lambda turn: self._chat(
-                turn, session_id, text, max_new_tokens, temperature, top_p, seed, tuple(stop)
+                turn,
+                session_id,
+                text,
+                max_new_tokens,
+                temperature,
+                top_p,
+                seed,
+                tuple(stop),
+                min_tokens,
             )
         )
 
@@ -1049,6 +1064,7 @@ class Engine:
         top_p: float,
         seed: int | None,
         stop: tuple[str, ...],
+        min_tokens: int = 0,
     ) -> Generator[str, None, None]:
         limit = max_new_tokens or self.max_new_tokens
         t0 = time.perf_counter()
@@ -1076,7 +1092,14 @@ class Engine:
                 try:
                     with self.batcher.decoding():
                         for _ in range(limit):
-                            nxt = _pick(out.logits[-1], temperature, top_p, generator)
+                            early = len(generated) < min_tokens
+                            nxt = _pick(
+                                out.logits[-1],
+                                temperature,
+                                top_p,
+                                generator,
+                                forbid=self.stop_list if early else None,
+                            )
                             if nxt in self.fmt.stop_ids:
                                 finish = "stop"
                                 break
@@ -1347,10 +1370,16 @@ def _check_roles(messages: Sequence[dict[str, str]]) -> None:
 
 
 def _pick(
-    logprobs: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+    logprobs: torch.Tensor,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | None,
+    forbid: torch.Tensor | None = None,
 ) -> int:
     """Greedy at temperature 0, else sample from the tempered distribution cut to its top-p
-    nucleus."""
+    nucleus; never one of the token ids ``forbid``."""
+    if forbid is not None:
+        logprobs = logprobs.index_fill(0, forbid, float("-inf"))
     if temperature <= 0:
         return int(logprobs.argmax())
     probs = torch.softmax(logprobs.float() / temperature, dim=-1)

@@ -188,9 +188,9 @@ def llama_cpp_rate(prompt: list[int], n_tokens: int, threads: int) -> dict[str, 
     }
 
 
-# The timed turns, the same at every checkpoint: requests for long replies, so that each one
-# decodes the full --reply-tokens and turns differ by their context, not their length (a reply to
-# a corpus sentence may stop after 5 tokens or run to the limit).
+# The timed turns, the same at every checkpoint, each decoding exactly --reply-tokens tokens
+# (`min_tokens`: the model ended some of these replies after 9 tokens at one checkpoint and not at
+# another), so that turns differ by their context, not their length.
 _TIMED_PROMPTS = (
     "Write a long story about a lighthouse keeper and a storm.",
     "Describe, in many sentences, how bread is baked from flour to loaf.",
@@ -237,7 +237,9 @@ def turn_latency(
             turn += len(history) // 2
             times, replies = [], []
             for prompt in _TIMED_PROMPTS:
-                t = engine.chat(sid, prompt, max_new_tokens=reply_tokens)
+                t = engine.chat(
+                    sid, prompt, max_new_tokens=reply_tokens, min_tokens=reply_tokens
+                )
                 "".join(t)
                 assert t.stats is not None
                 times.append(t.stats.seconds)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from app.api.schemas import Storable
+from app.api.schemas import Storable, check_min_tokens
 
 
 class TextPart(Storable):
@@ -52,6 +52,9 @@ class ChatCompletionRequest(Storable):
     logprobs: bool | None = None
     max_completion_tokens: int | None = Field(None, ge=1, le=4096)
     max_tokens: int | None = Field(None, ge=1, le=4096, description="Deprecated alias.")
+    min_tokens: int | None = Field(
+        None, ge=0, le=4096, description="The reply does not end before this many tokens (vLLM)."
+    )
     n: int | None = Field(None, ge=1)
     presence_penalty: float | None = None
     seed: int | None = None
@@ -62,6 +65,14 @@ class ChatCompletionRequest(Storable):
     tools: list[dict[str, Any]] | None = None
     top_p: float | None = Field(None, gt=0, le=1)
     user: str | None = Field(None, max_length=200, description="Names the session (memchat).")
+
+    @field_validator("min_tokens", mode="after")
+    @classmethod
+    def _min_within_max(cls, value: int | None, info: ValidationInfo) -> int | None:
+        check_min_tokens(
+            value, info.data.get("max_completion_tokens") or info.data.get("max_tokens")
+        )
+        return value
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 Role = Literal["system", "user", "assistant"]
 
@@ -38,6 +38,12 @@ class Storable(BaseModel):
     @classmethod
     def _storable(cls, value: Any) -> Any:
         return storable(value)
+
+
+def check_min_tokens(min_tokens: int | None, max_tokens: int | None) -> None:
+    """A reply cannot be held open past its own length cap: ValueError (a 422) if it would."""
+    if min_tokens and max_tokens is not None and min_tokens > max_tokens:
+        raise ValueError(f"min_tokens ({min_tokens}) exceeds max_tokens ({max_tokens})")
 
 
 class _In(Storable):
@@ -155,6 +161,15 @@ class ChatRequest(_In):
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = None
     stop: list[str] | None = Field(None, max_length=8)
+    min_tokens: int = Field(
+        0, ge=0, le=4096, description="The reply does not end before this many tokens."
+    )
+
+    @field_validator("min_tokens", mode="after")
+    @classmethod
+    def _min_within_max(cls, value: int, info: ValidationInfo) -> int:
+        check_min_tokens(value, info.data.get("max_tokens"))
+        return value
 
 
 class BandWeights(BaseModel):

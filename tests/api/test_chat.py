@@ -115,3 +115,20 @@ def test_busy_session_answers_409_and_a_cancelled_stream_is_kept(
         assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant"]
         story = msgs[2]["content"]
         assert story and len(seen) >= 1 and msgs[2]["tokens"] < 200 + 10
+
+
+def test_min_tokens_holds_the_reply_open(client: TestClient) -> None:
+    sid = client.post("/v1/sessions", json={}).json()["id"]
+    ask = {"message": "Say hello.", "max_tokens": 60}
+    short = client.post(f"/v1/sessions/{sid}/chat", json=ask).json()
+    # the model ends this reply by itself, well before the cap: the case min_tokens is for
+    n = short["usage"]["completion_tokens"]
+    assert short["finish_reason"] == "stop" and n <= 40
+    held = client.post(f"/v1/sessions/{sid}/chat", json={**ask, "min_tokens": n + 10}).json()
+    assert held["usage"]["completion_tokens"] >= n + 10
+
+    r = client.post(f"/v1/sessions/{sid}/chat", json={**ask, "min_tokens": 61})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "min_tokens"
+    assert "exceeds max_tokens" in r.json()["error"]["message"]
+    r = client.post(f"/v1/sessions/{sid}/chat", json={**ask, "min_tokens": -1})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "min_tokens"

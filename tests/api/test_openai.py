@@ -110,6 +110,19 @@ def test_completion_and_models(server: str, lm: LoadedModel) -> None:
     assert sessions_total(server) == 0
 
 
+def test_min_tokens(sqlite_server: str, lm: LoadedModel) -> None:
+    messages: list[Any] = [{"role": "user", "content": "Say hello."}]
+    with oai(sqlite_server) as client:
+        short = client.chat.completions.create(model=lm.name, messages=messages, max_tokens=60)
+        assert short.usage is not None
+        n = short.usage.completion_tokens  # the model ends this reply by itself, before the cap
+        assert short.choices[0].finish_reason == "stop" and n <= 40
+        held = client.chat.completions.create(
+            model=lm.name, messages=messages, max_tokens=60, extra_body={"min_tokens": n + 10}
+        )
+    assert held.usage is not None and held.usage.completion_tokens >= n + 10
+
+
 # ----- streaming --------------------------------------------------------------------------------
 def test_streamed_chunks_match_the_whole_reply(sqlite_server: str, lm: LoadedModel) -> None:
     messages: list[Any] = [{"role": "user", "content": "Name three colours of the rainbow."}]
@@ -337,6 +350,15 @@ def test_errors(sqlite_server: str, lm: LoadedModel) -> None:
                 model=lm.name, messages=[{"role": "user", "content": "Hi"}], max_tokens=0
             )
         assert e.value.response.json()["error"]["param"] == "max_tokens"
+
+        with pytest.raises(openai.UnprocessableEntityError) as e:  # vLLM's extra parameter
+            client.chat.completions.create(
+                model=lm.name,
+                messages=[{"role": "user", "content": "Hi"}],
+                max_tokens=4,
+                extra_body={"min_tokens": 5},
+            )
+        assert e.value.response.json()["error"]["param"] == "min_tokens"
 
         with pytest.raises(openai.UnprocessableEntityError) as e:  # also when streaming
             client.chat.completions.create(

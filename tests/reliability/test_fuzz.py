@@ -34,10 +34,11 @@ pytestmark = pytest.mark.slow
 
 
 def _cap_tokens(body: Any) -> None:
-    """Lower a valid but large max_tokens so a generated request does not generate for minutes."""
+    """Lower a valid but large max_tokens (or min_tokens) so a generated request does not generate
+    for minutes."""
     if not isinstance(body, dict):
         return
-    for field in ("max_tokens", "max_completion_tokens"):
+    for field in ("max_tokens", "max_completion_tokens", "min_tokens"):
         v = body.get(field)
         if isinstance(v, int) and not isinstance(v, bool) and v > MAX_TOKENS:
             body[field] = MAX_TOKENS

@@ -62,6 +62,7 @@ async def chat(
         top_p=body.top_p,
         seed=body.seed,
         stop=body.stop or (),
+        min_tokens=body.min_tokens,
     )
     worker = ThreadedTurn(turn)
     # the first piece comes after the lock and the prompt: errors up to there are plain 4xx

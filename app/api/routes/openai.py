@@ -126,6 +126,7 @@ async def chat_completions(
             top_p=1.0 if body.top_p is None else body.top_p,
             seed=body.seed,
             stop=body.stop_list(),
+            min_tokens=body.min_tokens or 0,
         )
         worker = ThreadedTurn(turn)
         first = await worker.next()

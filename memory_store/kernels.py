@@ -162,39 +162,31 @@ def _f32_to_f16_bits(x):  # type: ignore[no-untyped-def]  # numba compiles it
     return np.uint16(sign + (f_sig >> 13) + h_exp)
 
 
-@nb.njit(cache=True, nogil=True)
-def _top_rows(scores, k, rows, best, cand):  # type: ignore[no-untyped-def]
-    """rows/best [k] <- the k largest of `scores` [n], by score descending then row ascending;
-    rows -1 and best -inf past n. `cand` [n] is scratch.
+@nb.njit(cache=True, nogil=True, inline="always")
+def _top_rows(scores, n, k, rows, best):  # type: ignore[no-untyped-def]
+    """rows/best [k] <- the k largest of `scores[:n]`, by score descending then row ascending;
+    rows -1 and best -inf past n.
 
-    A lower bound of the k-th largest first: split the scores into >= 2k blocks; the k-th
-    largest block maximum is below k scores at least. Only the scores above it (usually fewer
-    than 2k) are sorted."""
-    n = scores.shape[0]
-    rows[:] = -1
-    best[:] = -np.inf
-    if n == 0:
-        return
-    bound = -np.inf
-    if n > 2 * k:
-        size = n // (2 * k)
-        blocks = -(-n // size)
-        maxima = np.empty(blocks, dtype=np.float32)
-        for b in range(blocks):
-            m = scores[b * size]
-            for r in range(b * size + 1, min(n, (b + 1) * size)):
-                m = max(m, scores[r])
-            maxima[b] = m
-        bound = np.sort(maxima)[blocks - k]
-    c = 0
+    One pass, each score inserted into the sorted k so far: most are refused by one comparison
+    with the k-th (about k ln(n/k) insertions in all), and nothing is allocated. A later row
+    never passes an equal score, so ties keep row order."""
+    for j in range(k):
+        rows[j] = -1
+        best[j] = -np.inf
+    filled = 0
     for r in range(n):
-        if scores[r] >= bound:
-            cand[c] = r
-            c += 1
-    order = np.argsort(-scores[cand[:c]], kind="mergesort")  # stable: ties by row
-    for j in range(min(k, c)):
-        rows[j] = cand[order[j]]
-        best[j] = scores[rows[j]]
+        s = scores[r]
+        if filled == k and not s > best[k - 1]:
+            continue
+        j = filled if filled < k else k - 1
+        while j > 0 and best[j - 1] < s:
+            best[j] = best[j - 1]
+            rows[j] = rows[j - 1]
+            j -= 1
+        best[j] = s
+        rows[j] = r
+        if filled < k:
+            filled += 1
 
 
 @nb.njit(cache=True, fastmath=FASTMATH, nogil=True)
@@ -219,13 +211,12 @@ def search_heads(  # type: ignore[no-untyped-def]  # numba compiles it; arrays t
     H, Q, D = q.shape
     k = out_ids.shape[2]
     want_keys = out_keys.shape[0] > 0
-    best = np.empty((Q, k), dtype=np.float32)
-    rows = np.empty((Q, k), dtype=np.int64)
+    best = np.empty(k, dtype=np.float32)
+    rows = np.empty(k, dtype=np.int64)
     n_max = 0
     for h in range(H):
         n_max = max(n_max, keys[h].shape[0])
     dots = np.empty((Q, n_max), dtype=np.float32)
-    cand = np.empty(n_max, dtype=np.int64)
     for h in range(H):
         # a tuple indexed by a runtime value is a switch: once per head, not per hit
         kh, idh, s0h, refh, vh = keys[h], ids[h], s0[h], refreshed[h], values[h]
@@ -239,9 +230,9 @@ def search_heads(  # type: ignore[no-untyped-def]  # numba compiles it; arrays t
                     s += kh[r, d] * qh[g, d]
                 dots[g, r] = s
         for g in range(Q):
-            _top_rows(dots[g, :n], k, rows[g], best[g], cand)
+            _top_rows(dots[g], n, k, rows, best)
             for j in range(k):
-                r = rows[g, j]
+                r = rows[j]
                 if r < 0:
                     out_ids[h, g, j] = -1
                     out_scores[h, g, j] = 0.0
@@ -253,7 +244,7 @@ def search_heads(  # type: ignore[no-untyped-def]  # numba compiles it; arrays t
                             out_keys[h, g, j, d] = 0.0
                     continue
                 out_ids[h, g, j] = idh[r]
-                out_scores[h, g, j] = best[g, j]
+                out_scores[h, g, j] = best[j]
                 # as `store.log_strength`: in float64, then float32
                 ls = -np.inf
                 if s0h[r] > 0:

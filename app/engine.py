@@ -957,11 +957,25 @@ class Engine:
     ) -> list[int]:
         """Run consecutive messages (encoded, text, turn) through the model in one forward pass
         (the weights are read once instead of once per message) and add them to the window."""
-        ids = np.concatenate([enc.token_ids for enc, _, _ in batch])
+        return self._process_then(st, batch, pinned)[0]
+
+    def _process_then(
+        self,
+        st: SessionState,
+        batch: list[tuple[EncodedMessage, str, int]],
+        pinned: bool = False,
+        then: np.ndarray | None = None,
+    ) -> tuple[list[int], ForwardOutput | None]:
+        """`_process_many`, and in the same forward pass the tokens ``then`` after the messages
+        (a reply's header: one pass instead of two, each a few tens of ms whatever its length).
+        Returns the messages' seqs and, with ``then``, its output: the last token's
+        log-probabilities and the hidden states of ``then``'s tokens."""
+        parts = [enc.token_ids for enc, _, _ in batch]
+        ids = np.concatenate(parts if then is None else [*parts, then])
         if not pinned:
             self._make_room(st, len(ids))
         start = st.cache.length
-        out = self._run(st, ids, logits_from=None)
+        out = self._run(st, ids, logits_from=None if then is None else -1)
         seqs = []
         offset = 0
         for enc, content, turn in batch:
@@ -977,7 +991,9 @@ class Engine:
             st.new_states.append(seq)
             seqs.append(seq)
             start += n
-        return seqs
+        if then is None:
+            return seqs, None
+        return seqs, replace(out, hidden=out.hidden[offset:])
 
     # ----- turns ----------------------------------------------------------------------------
     def import_messages(self, session_id: str, messages: Sequence[dict[str, str]]) -> list[int]:
@@ -1077,10 +1093,11 @@ class Engine:
                 header = self.fmt.generation_header()
                 reserve = min(limit, st.window_size // 4)
                 self._make_room(st, len(user.token_ids) + len(header) + reserve)
-                user_seq = self._process(st, user, content=text)
+                (user_seq,), after = self._process_then(st, [(user, text, st.turn)], then=header)
+                assert after is not None
+                out = after
                 prompt_tokens = len(user.token_ids) + len(header)
                 generator = torch.Generator().manual_seed(seed) if seed is not None else None
-                out = self._run(st, header)
                 read_s += out.read_seconds
                 generated: list[int] = []
                 hiddens = [out.hidden]

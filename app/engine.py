@@ -209,6 +209,7 @@ class DecodeBatcher:
                     [r.window for r in batch],
                     [r.memory for r in batch],
                     [r.read for r in batch],
+                    pick=True,
                 )
                 for r, out in zip(batch, outs, strict=True):
                     r.result, r.done = out, True
@@ -218,7 +219,13 @@ class DecodeBatcher:
         for r in batch:
             try:
                 r.result = forward(
-                    self.model, torch.tensor([r.token]), r.window, r.memory, r.read, logits_from=-1
+                    self.model,
+                    torch.tensor([r.token]),
+                    r.window,
+                    r.memory,
+                    r.read,
+                    logits_from=-1,
+                    pick=True,
                 )
             except BaseException as exc:  # handed to the step's own thread
                 r.error = exc
@@ -915,10 +922,16 @@ class Engine:
             e.start -= sum(end - start for start, end in runs if end <= e.start)
 
     def _run(
-        self, st: SessionState, ids: np.ndarray, commit: bool = True, logits_from: int | None = -1
+        self,
+        st: SessionState,
+        ids: np.ndarray,
+        commit: bool = True,
+        logits_from: int | None = -1,
+        pick: bool = False,
     ) -> ForwardOutput:
         """One forward pass after the window (log-probabilities from ``logits_from`` on; the last
-        token's by default), accumulating the memory mass for reinforcement."""
+        token's by default; ``pick``: they only choose the next token, see `forward`),
+        accumulating the memory mass for reinforcement."""
         memory = st.memory if st.memory_enabled else None
         out = forward(
             self.model,
@@ -928,6 +941,7 @@ class Engine:
             st.read,
             commit=commit,
             logits_from=logits_from,
+            pick=pick,
         )
         self._note_mass(st, out)
         return out
@@ -975,7 +989,7 @@ class Engine:
         if not pinned:
             self._make_room(st, len(ids))
         start = st.cache.length
-        out = self._run(st, ids, logits_from=None if then is None else -1)
+        out = self._run(st, ids, logits_from=None if then is None else -1, pick=True)
         seqs = []
         offset = 0
         for enc, content, turn in batch:

@@ -430,6 +430,15 @@ def compile_attention() -> None:
     )  # fmt: skip
 
 
+def head_logprobs(model: LlamaForCausalLM, hidden: torch.Tensor, pick: bool) -> torch.Tensor:
+    """Log-probabilities (T, V) float32 of the final hidden states; with ``pick`` from the
+    head's `pick_logits` where it has one (exact top candidates, the rest approximate)."""
+    head = model.lm_head
+    pick_logits = getattr(head, "pick_logits", None) if pick else None
+    logits = pick_logits(hidden) if pick_logits is not None else head(hidden)
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
 def knn_mix(
     logprobs: torch.Tensor, hidden: torch.Tensor, memory: MemoryReader | None, cfg: ReadConfig
 ) -> torch.Tensor:
@@ -487,13 +496,16 @@ def forward(
     cfg: ReadConfig,
     commit: bool = True,
     logits_from: int | None = 0,
+    pick: bool = False,
 ) -> ForwardOutput:
     """Run ``input_ids`` (T,) after the window's tokens, reading ``memory`` in every layer.
 
     With ``commit`` the new tokens' keys and values are appended to the window; without it the
     window is left as it was (used to score candidate replies). Log-probabilities are computed
     for the new tokens from index ``logits_from`` on (None: none, as when importing history; the
-    LM head is a fifth of this model's compute).
+    LM head is a fifth of this model's compute). With ``pick`` they only serve to choose the
+    next token: a head that can (`app.weights.RescoredHead`) computes exactly only its top
+    candidates.
     """
     cfg_m = model.config
     inner = model.model
@@ -545,7 +557,7 @@ def forward(
     logprobs = torch.empty(0, cfg_m.vocab_size)
     if logits_from is not None:
         tail = hidden[logits_from:]
-        logprobs = torch.log_softmax(model.lm_head(tail).float(), dim=-1)
+        logprobs = head_logprobs(model, tail, pick)
         t0 = time.perf_counter()
         logprobs = knn_mix(logprobs, tail, memory, cfg)
         read_s += time.perf_counter() - t0
@@ -577,9 +589,11 @@ def forward_batch(
     windows: list[WindowCache],
     memories: list[MemoryReader | None],
     cfgs: list[ReadConfig],
+    pick: bool = False,
 ) -> list[ForwardOutput]:
     """One decoding step of several sequences at once: token ``tokens[b]`` after the window
-    ``windows[b]``, reading ``memories[b]`` with ``cfgs[b]``; each window gains its token.
+    ``windows[b]``, reading ``memories[b]`` with ``cfgs[b]``; each window gains its token
+    (``pick`` as for `forward`).
 
     The linear layers run on all sequences together (the weights are read once per step: 4 rows
     cost 1.25x one row's time with int8 weights on this CPU, 1.6x with int4); attention, the
@@ -638,7 +652,7 @@ def forward_batch(
         h = h + _mlp(layer.mlp, layer.post_attention_layernorm(h))
 
     hidden = inner.norm(h)  # (B, Dm)
-    logprobs = torch.log_softmax(model.lm_head(hidden).float(), dim=-1)
+    logprobs = head_logprobs(model, hidden, pick)
     results = []
     for b, w in enumerate(windows):
         t0 = time.perf_counter()

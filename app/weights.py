@@ -21,7 +21,8 @@ weights read, plus a fixed cost per call. `pack_weights` therefore
 
 Norms, embeddings, RoPE, attention and the window/memory tensors stay float32 in every format.
 The LM head (tied to the embedding in SmolLM2) gets its own packed copy in ``bf16``/``int8``, and
-in ``int8`` under ``int4`` (the GGUF's embedding is Q8_0: 4 bits would lose precision it has); the
+in ``int8`` under ``int4`` (the GGUF's embedding is Q8_0: 4 bits would lose precision it has),
+with an int4 copy that only picks the candidates of a next-token choice (`RescoredHead`); the
 embedding lookup keeps the float32 table.
 """
 
@@ -44,6 +45,7 @@ _INT4_ROWS = 16  # torch's int4 CPU layout needs a multiple of 16 output rows
 # recall-dev-hard flipped (mc 0.683 vs 0.700); from 65 rows on, none. RAM: 2 bytes per weight
 # (212 MB for the bundled model).
 INT4_MAX_ROWS = 64
+RESCORE_TOP = 64  # candidates of `RescoredHead.pick_logits` recomputed exactly
 
 
 class PackedLinear(nn.Module):
@@ -123,6 +125,49 @@ class PackedLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, format={self.fmt}"
 
 
+class RescoredHead(nn.Module):
+    """The LM head under int4: calling it gives the exact (int8) logits, as `PackedLinear`;
+    `pick_logits`, for choosing the next token, multiplies by an int4 copy (1.6 vs 3.6 ms per
+    token here: the head is a quarter of a decoding step) and recomputes its `RESCORE_TOP`
+    largest logits exactly. The argmax is the exact head's whenever it is among those candidates
+    (every one of 102 positions of real text, even with 16 candidates); the other logits keep
+    the int4 error, so log-probabilities move by up to ~0.02 (mean KL to the exact head 0.0066
+    with 64 candidates; 0.044 without rescoring)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.exact = PackedLinear(weight, "int8")
+        packed, scale_zero, _ = _pack_int4(weight.detach().float())
+        self.register_buffer("coarse", packed)
+        self.register_buffer("coarse_scale", scale_zero)
+        self.in_features, self.out_features = self.exact.in_features, self.exact.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The exact head's int8 weights."""
+        return self.exact.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.exact(x)
+
+    def pick_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (rows, V) float32 of ``x`` (rows, in) whose largest `RESCORE_TOP` per row are
+        the exact head's and the rest int4 approximations."""
+        xb = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            xb, self.coarse, INT4_GROUP, self.coarse_scale
+        ).float()
+        top = y.topk(min(RESCORE_TOP, self.out_features), dim=-1).indices
+        w, scale = self.exact.weight, self.exact.scale
+        assert scale is not None
+        for r in range(xb.shape[0]):
+            rows = top[r]
+            y[r, rows] = torch.ops.aten._weight_int8pack_mm(xb[r : r + 1], w[rows], scale[rows])[
+                0
+            ].float()
+        return y
+
+
 def _pack_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``w`` (out, in) as torch's CPU int4 layout: packed codes (out, in / 2) uint8 and bf16
     scales and zero points (in / 32, out, 2), ``w ~ (code - 8) * scale + zero``; and those
@@ -182,6 +227,7 @@ def pack_weights(model: LlamaForCausalLM, fmt: WeightFormat = "fp32") -> LlamaFo
         mlp.down_proj = PackedLinear(mlp.down_proj.weight, fmt)
     if fmt != "fp32":
         # a packed copy for the head; the embedding keeps the float32 table for lookups
-        model.lm_head = PackedLinear(model.lm_head.weight, "int8" if fmt == "int4" else fmt)
+        head = model.lm_head.weight
+        model.lm_head = RescoredHead(head) if fmt == "int4" else PackedLinear(head, fmt)
     model.memchat_weights = fmt  # type: ignore[assignment]  # a plain attribute, not a module
     return model

@@ -435,7 +435,7 @@ class DryRun:
         generated: list[int] = []
         try:
             prompt = torch.from_numpy(ids)
-            out = forward(model, prompt, self.cache, self.memory, self.read, True, -1)
+            out = forward(model, prompt, self.cache, self.memory, self.read, True, -1, pick=True)
             for _ in range(max_new_tokens):
                 nxt = int(out.logits[-1].argmax())
                 if nxt in fmt.stop_ids:
@@ -449,7 +449,7 @@ class DryRun:
                 if _SENTENCE_END.search(str(tokenizer.decode(generated)).strip()):
                     break
                 step = torch.tensor([nxt], dtype=torch.int64)
-                out = forward(model, step, self.cache, self.memory, self.read, True, -1)
+                out = forward(model, step, self.cache, self.memory, self.read, True, -1, pick=True)
         finally:
             self.cache.length = n  # cut the question and the answer off again
         text = str(tokenizer.decode(generated, skip_special_tokens=True)).strip()

@@ -113,12 +113,12 @@ def decode_rate(lm: Any, memory: Any, n_tokens: int, read: Any) -> dict[str, flo
 
     prompt = _prompt(lm)
     window = WindowCache(lm.model, len(prompt) + n_tokens + 8)
-    out = forward(lm.model, torch.tensor(prompt), window, memory, read)
+    out = forward(lm.model, torch.tensor(prompt), window, memory, read, pick=True)
     nxt = out.logits[-1].argmax().view(1)
     read_s = 0.0
     t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(n_tokens):
-        out = forward(lm.model, nxt, window, memory, read)
+        out = forward(lm.model, nxt, window, memory, read, pick=True)  # as the engine decodes
         read_s += out.read_seconds
         nxt = out.logits[-1].argmax().view(1)
     total, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -141,12 +141,12 @@ def batched_rate(lm: Any, memories: list[Any], n_tokens: int, read: Any) -> dict
     windows = [WindowCache(lm.model, len(prompt) + n_tokens + 8) for _ in memories]
     nxt = []
     for w, m in zip(windows, memories, strict=True):
-        out = forward(lm.model, torch.tensor(prompt), w, m, read)
+        out = forward(lm.model, torch.tensor(prompt), w, m, read, pick=True)
         nxt.append(int(out.logits[-1].argmax()))
     reads = [read] * len(memories)
     t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(n_tokens):
-        outs = forward_batch(lm.model, nxt, windows, memories, reads)
+        outs = forward_batch(lm.model, nxt, windows, memories, reads, pick=True)
         nxt = [int(o.logits[-1].argmax()) for o in outs]
     total, cpu = time.perf_counter() - t0, time.process_time() - c0
     n = n_tokens * len(memories)
@@ -237,9 +237,7 @@ def turn_latency(
             turn += len(history) // 2
             times, replies = [], []
             for prompt in _TIMED_PROMPTS:
-                t = engine.chat(
-                    sid, prompt, max_new_tokens=reply_tokens, min_tokens=reply_tokens
-                )
+                t = engine.chat(sid, prompt, max_new_tokens=reply_tokens, min_tokens=reply_tokens)
                 "".join(t)
                 assert t.stats is not None
                 times.append(t.stats.seconds)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from app.fused import add_rms_norm, bf16_bits, rope_store, silu_mul
+from app.fused import add_rms_norm, bf16_bits, exp_nonpositive, rope_store, silu_mul
 from memory_store.kernels import FASTMATH
 
 _LOG_FLOOR = math.log(1e-30)  # floor of the mixed output distribution, in log space
@@ -395,7 +395,7 @@ def decode_attention(  # type: ignore[no-untyped-def]  # numba compiles it; arra
                 top = max(top, w[g, i])
             total = np.float32(0.0)
             for i in range(S + K):
-                e = np.exp(w[g, i] - top)
+                e = exp_nonpositive(w[g, i] - top)
                 w[g, i] = e
                 total += e
             inv = np.float32(1.0) / total

@@ -5,15 +5,43 @@ from __future__ import annotations
 
 import copy
 
+import numba as nb
 import numpy as np
 import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from app.config import Settings
-from app.fused import add_rms_norm, bf16_bits, rope_store, silu_mul
+from app.fused import add_rms_norm, bf16_bits, exp_nonpositive, rope_store, silu_mul
 from app.memory_llama import ReadConfig, WindowCache, forward, fused_norms, rope_tables
 from app.model import LoadedModel, load_model
+from memory_store.kernels import FASTMATH
+
+
+@nb.njit(fastmath=FASTMATH)
+def _exp_all(x):  # type: ignore[no-untyped-def]  # numba compiles it: as decode_attention does
+    out = np.empty_like(x)
+    for i in range(x.size):
+        out[i] = exp_nonpositive(x[i])
+    return out
+
+
+def test_exp_nonpositive_within_two_ulp() -> None:
+    """Over [-87, 0] (every float32 exponent there, and a dense grid), the compiled loop that
+    vectorizes; 0 below -87, for -inf, and 1 at 0."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate(
+        [
+            -np.linspace(0, 87, 1_000_001, dtype=np.float32),
+            -(2.0 ** rng.uniform(-30, np.log2(87), 100_000)).astype(np.float32),
+        ]
+    )
+    got = _exp_all(x).astype(np.float64)
+    want = np.exp(x.astype(np.float64))
+    ulp = np.spacing(want.astype(np.float32)).astype(np.float64)
+    assert (np.abs(got - want) / ulp).max() <= 2.0
+    edge = np.array([0.0, -87.5, -1e30, -np.inf], dtype=np.float32)
+    assert _exp_all(edge).tolist() == [1.0, 0.0, 0.0, 0.0]
 
 
 def test_add_rms_norm_equals_torch() -> None:

@@ -524,10 +524,19 @@ def forward(
     # New keys/values go straight into the window's buffers when they fit, so attention reads a
     # view instead of concatenating the whole window in every layer.
     in_place = end <= window.capacity
-    fused = t == 1 and in_place and fused_norms(model) is not None
+    fused = t <= FUSED_MAX_TOKENS and in_place and fused_norms(model) is not None
     if fused:  # a decoding step: the layers' small operations compiled (`_decode_layers`)
-        h, step_s, step_mass = _decode_layers(model, h, [window], [past], [reader], [cfg])
-        read_s, masses = step_s[0], step_mass[0]
+        # a few tokens as rows of one step, each after the ones before it in the same window
+        rows = range(t)
+        h, step_s, step_mass = _decode_layers(
+            model, h, [window] * t, [past + i for i in rows], [reader] * t, [cfg] * t
+        )
+        read_s = sum(step_s)
+        # per layer, the rows' (ids, weights) [H, g, k] side by side as [H, t * g, k]
+        masses = [
+            tuple(np.concatenate([step_mass[i][layer][j] for i in rows], axis=1) for j in (0, 1))
+            for layer in range(len(step_mass[0]))
+        ]
     for layer_idx, layer in enumerate([] if fused else inner.layers):
         attn = layer.self_attn
         x = layer.input_layernorm(h)
@@ -798,6 +807,10 @@ def _mlp(mlp: Any, x: torch.Tensor) -> torch.Tensor:
     return mlp.down_proj(mlp.act_fn(gate) * up)
 
 
+# Inputs of up to this many tokens (a decoding step; a reply's closing tokens) run through the
+# compiled step, token after token in each layer: a torch pass has a fixed cost of ~20 ms in
+# small operations, while the step's per-token part (attention, the memory read) is small.
+FUSED_MAX_TOKENS = 4
 _MASS_SUM_MIN = 1024  # weights per head from which `_sum_mass` sums per distinct id
 
 

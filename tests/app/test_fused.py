@@ -13,7 +13,14 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from app.config import Settings
 from app.fused import add_rms_norm, bf16_bits, exp_nonpositive, rope_store, silu_mul
-from app.memory_llama import ReadConfig, WindowCache, forward, fused_norms, rope_tables
+from app.memory_llama import (
+    FUSED_MAX_TOKENS,
+    ReadConfig,
+    WindowCache,
+    forward,
+    fused_norms,
+    rope_tables,
+)
 from app.model import LoadedModel, load_model
 from memory_store.kernels import FASTMATH
 
@@ -164,19 +171,35 @@ def test_fused_steps_read_memory_as_the_unfused_ones(int4_lm: LoadedModel) -> No
     prompt = torch.tensor(int4_lm.tokenizer.encode("What is my locker code?"))
     read = ReadConfig(collect_mass=True)
     windows = []
-    for _ in range(4):
+    for _ in range(6):
         w = WindowCache(model, 64)
         last = forward(model, prompt, w, memory, ReadConfig())
         windows.append(w)
     nxt = int(last.logits[-1].argmax())
+    few = torch.tensor(int4_lm.tokenizer.encode(" It is 4"))  # a few tokens: one compiled step
+    assert 1 < len(few) <= FUSED_MAX_TOKENS
     fused = forward(model, torch.tensor([nxt]), windows[0], memory, read)
     batched = forward_batch(model, [nxt, nxt], windows[1:3], [memory, memory], [read, read])
+    fused_few = forward(model, few, windows[4], memory, read, logits_from=0)
     model.memchat_fused_norms = ()
     try:
         plain = forward(model, torch.tensor([nxt]), windows[3], memory, read)
+        plain_few = forward(model, few, windows[5], memory, read, logits_from=0)
     finally:
         model.memchat_fused_norms = None
-    assert plain.memory_mass is not None
+    assert windows[4].length == windows[5].length == len(prompt) + len(few)
+    assert torch.equal(fused_few.logits.argmax(-1), plain_few.logits.argmax(-1))
+    assert (fused_few.logits.exp() - plain_few.logits.exp()).abs().max().item() < 0.02
+    rel = ((fused_few.hidden - plain_few.hidden).norm() / plain_few.hidden.norm()).item()
+    assert rel < 0.02, rel
+    for name in ("keys", "values", "keys_rot"):
+        a, b = getattr(windows[4], name), getattr(windows[5], name)
+        assert ((a - b).norm() / b.norm()).item() < 0.02
+    assert plain.memory_mass is not None and plain_few.memory_mass is not None
+    assert fused_few.memory_mass is not None
+    for a, b in zip(fused_few.memory_mass, plain_few.memory_mass, strict=True):
+        for ma, mb in zip(a.mass, b.mass, strict=True):  # every token's reads counted
+            assert abs(ma.sum() - mb.sum()) < 0.02 * len(few)
     for got in (fused, *batched):
         assert got.memory_mass is not None and len(got.memory_mass) == cfg.num_hidden_layers
         assert got.logits.argmax() == plain.logits.argmax()

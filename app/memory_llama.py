@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -118,6 +119,14 @@ class WindowCache:
         self.keys_rot = torch.zeros(shape, dtype=dtype)  # at positions 0..length-1
         self.values = torch.zeros(shape, dtype=dtype)
 
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """numpy views (no copy) of the float32 buffers keys, keys_rot, values (L, H, cap, D),
+        made once per set of buffers (a copied cache has its own)."""
+        ptr = self.keys.data_ptr()
+        if getattr(self, "_arrays", (None,))[0] != ptr:
+            self._arrays = (ptr, self.keys.numpy(), self.keys_rot.numpy(), self.values.numpy())
+        return self._arrays[1], self._arrays[2], self._arrays[3]
+
     def rotate(self, keys: torch.Tensor, start: int) -> torch.Tensor:
         """RoPE-rotate ``keys`` (L, H, T, D) as if they sat at positions start..start+T-1."""
         out = torch.empty_like(keys)
@@ -211,11 +220,27 @@ def rope_tables(
     model: LlamaForCausalLM, start: int, length: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin (T, D) for positions start..start+length-1, from the model's own rotary module
-    (so RoPE scaling variants of Llama-family models are honoured)."""
-    positions = torch.arange(start, start + length).unsqueeze(0)  # (1, T)
+    (so RoPE scaling variants of Llama-family models are honoured). A rotary module whose tables
+    do not depend on the longest position asked for (all but the dynamic kinds) is asked once
+    for a range of positions, kept on the model: a decoding step needs one row per layer call."""
+    rotary = model.model.rotary_emb
+    end = start + length
+    if dtype == torch.float32 and getattr(rotary, "rope_type", "") in _STATIC_ROPE:
+        cached = getattr(model, "memchat_rope", None)
+        if cached is None or cached[0].shape[0] < end:
+            n = max(end, 2 * (cached[0].shape[0] if cached is not None else 1024))
+            cos, sin = rotary(torch.zeros(1), torch.arange(n).unsqueeze(0))
+            cached = (cos[0], sin[0])
+            model.memchat_rope = cached  # type: ignore[assignment]  # a plain attribute
+        return cached[0][start:end], cached[1][start:end]
+    positions = torch.arange(start, end).unsqueeze(0)  # (1, T)
     probe = torch.zeros(1, dtype=dtype)
-    cos, sin = model.model.rotary_emb(probe, positions)
+    cos, sin = rotary(probe, positions)
     return cos[0], sin[0]
+
+
+# RoPE kinds whose cos/sin for a position do not depend on the other positions asked for
+_STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 
 
 def attend(
@@ -322,16 +347,44 @@ def _attend_step(
     layer: int,
     top_k: int,
 ) -> tuple[torch.Tensor, np.ndarray | None, np.ndarray | None, float]:
-    """`_attend` of one new token (a decoding step) in float32: the memory search, then the local
-    and memory logits, their softmax and both weighted sums in one compiled call
-    (`decode_attention`). The dozen torch and numpy operations it replaces cost 3-8x its time
-    per layer (their per-call overhead, not arithmetic): 115 vs 14 us with a memory and a short
-    window, 260 vs 116 us at a 1020-token window."""
+    """`_attend` of one new token (a decoding step) in float32: `attend_step` on numpy views."""
     hq, _, d = q.shape
+    out = torch.empty(1, hq * d)
+    ids, mass, read_s = attend_step(
+        np.ascontiguousarray(q.reshape(hq, d).numpy()),
+        k.numpy(),
+        v.numpy(),
+        scaling,
+        past,
+        memory,
+        layer,
+        top_k,
+        out.numpy(),
+    )
+    return out, ids, mass, read_s
+
+
+def attend_step(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    scaling: float,
+    past: int,
+    memory: MemoryReader | None,
+    layer: int,
+    top_k: int,
+    out: np.ndarray,
+) -> tuple[np.ndarray | None, np.ndarray | None, float]:
+    """One new token's attention, q (Hq, D) over the window's buffers k, v (H, >=S, D) (float32,
+    C-contiguous) and the memory: the memory search, then the local and memory logits, their
+    softmax and both weighted sums in one compiled call (`decode_attention`), written to ``out``
+    (1, Hq * D). Returns the memory ids and weights (H, g, k) (None without memory) and the
+    search's seconds. The dozen torch and numpy operations it replaces cost 3-8x its time per
+    layer (their per-call overhead, not arithmetic): 115 vs 14 us with a memory and a short
+    window, 260 vs 116 us at a 1020-token window."""
+    hq, d = q.shape
     h = k.shape[0]
     g = hq // h
-    qn = np.ascontiguousarray(q.reshape(hq, d).numpy())
-    out = torch.empty(1, hq * d)
     ids, read_s = None, 0.0
     # no memory: zero hits per query
     scores = log_s = np.empty((h, g, 0), dtype=np.float32)
@@ -339,17 +392,15 @@ def _attend_step(
     if memory is not None:
         t0 = time.perf_counter()
         # (H, g, D): a KV head's query heads are its queries
-        found = memory.search(layer, qn.reshape(h, g, d), top_k, with_keys=False)
+        found = memory.search(layer, q.reshape(h, g, d), top_k, with_keys=False)
         read_s = time.perf_counter() - t0
         ids = found.ids
         scores = np.ascontiguousarray(found.scores, dtype=np.float32)
         log_s = np.ascontiguousarray(found.log_strength, dtype=np.float32)
         values = np.ascontiguousarray(found.values, dtype=np.float32)
     mass = np.empty(scores.shape, dtype=np.float32)
-    scale = np.float32(scaling)  # as torch scales a float32 tensor
-    kn, vn = k.numpy(), v.numpy()
-    decode_attention(qn, kn, vn, past, scale, scores, log_s, values, out.numpy(), mass)
-    return out, ids, (mass if ids is not None else None), read_s
+    decode_attention(q, k, v, past, np.float32(scaling), scores, log_s, values, out, mass)
+    return ids, (mass if ids is not None else None), read_s
 
 
 @nb.njit(cache=True, fastmath=FASTMATH, nogil=True)
@@ -709,6 +760,26 @@ def fused_norms(model: LlamaForCausalLM) -> tuple[list[np.ndarray], list[np.ndar
     return found or None
 
 
+def _step_matmuls(
+    model: LlamaForCausalLM,
+) -> list[tuple[Callable[[torch.Tensor], torch.Tensor], ...]]:
+    """Per layer, the decoding step's four packed matmuls (qkv, o, gate_up, down) as bare kernel
+    calls (`PackedLinear.bf16_matmul`), made once per model."""
+    cached = getattr(model, "memchat_step_matmuls", None)
+    if cached is None:
+        cached = [
+            (
+                layer.self_attn.qkv_proj.bf16_matmul(),
+                layer.self_attn.o_proj.bf16_matmul(),
+                layer.mlp.gate_up_proj.bf16_matmul(),
+                layer.mlp.down_proj.bf16_matmul(),
+            )
+            for layer in model.model.layers
+        ]
+        model.memchat_step_matmuls = cached  # type: ignore[assignment]  # a plain attribute
+    return cached
+
+
 def _decode_layers(
     model: LlamaForCausalLM,
     h: torch.Tensor,
@@ -719,13 +790,15 @@ def _decode_layers(
 ) -> tuple[torch.Tensor, list[float], list[list[tuple[np.ndarray, np.ndarray]]]]:
     """The decoder layers for one new token per sequence (``h`` (B, Dm) its embeddings, window
     ``b`` holding ``pasts[b]`` tokens with room for one more), with the small operations between
-    the matmuls compiled (`app.fused`): norms, RoPE with the window writes, the gated activation.
+    the matmuls compiled (`app.fused`): norms, RoPE with the window writes, the gated activation;
+    the matmuls are bare kernel calls and the attention works on numpy views, since at one token
+    per layer the per-call costs of torch modules and tensor views were a sixth of a step.
     Returns the last residual stream (B, Dm) before the final norm, and per sequence the seconds
     spent reading memory and the (ids, weights) each layer's memory read gave."""
     norms = fused_norms(model)
     assert norms is not None
     norm_in, norm_post, eps = norms
-    inner = model.model
+    matmuls = _step_matmuls(model)
     n = h.shape[0]
     hq = model.config.num_attention_heads
     d = windows[0].head_dim
@@ -735,26 +808,26 @@ def _decode_layers(
     x = torch.empty(n, hs.shape[1], dtype=torch.bfloat16)
     xb = bf16_bits(x)
     act: torch.Tensor | None = None
-    q_rot = torch.empty(n, hq, d)
+    q_rot = np.empty((n, hq, d), dtype=np.float32)
+    attn_out = torch.empty(n, hq * d)
+    attn_np = attn_out.numpy()
     tables = []
     for p in pasts:
         cos, sin = rope_tables(model, p, 1, torch.float32)
         tables.append((cos[0].numpy(), sin[0].numpy()))
+    arrays = [w.arrays() for w in windows]
     delta = np.empty((0, hs.shape[1]), dtype=np.uint16)  # no residual to add before layer 0
     read_s = [0.0] * n
     masses: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(n)]
-    for layer_idx, layer in enumerate(inner.layers):
+    for layer_idx, (qkv_mm, o_mm, gate_up_mm, down_mm) in enumerate(matmuls):
         add_rms_norm(hn, delta, norm_in[layer_idx], eps, xb)
-        qkv = bf16_bits(layer.self_attn.qkv_proj(x))
-        outs = []
-        for b, w in enumerate(windows):
-            keys_rot, values = w.keys_rot[layer_idx], w.values[layer_idx]
-            rope_store(
-                qkv[b], tables[b][0], tables[b][1], hq, w.keys[layer_idx].numpy(),
-                keys_rot.numpy(), values.numpy(), pasts[b], q_rot[b].numpy(),
-            )  # fmt: skip
-            out_b, ids, w_mem, secs = _attend(
-                q_rot[b].unsqueeze(1),
+        qkv = bf16_bits(qkv_mm(x))
+        for b in range(n):
+            keys, keys_rot, values = (a[layer_idx] for a in arrays[b])
+            cos_b, sin_b = tables[b]
+            rope_store(qkv[b], cos_b, sin_b, hq, keys, keys_rot, values, pasts[b], q_rot[b])
+            ids, w_mem, secs = attend_step(
+                q_rot[b],
                 keys_rot,
                 values,
                 scaling,
@@ -762,20 +835,19 @@ def _decode_layers(
                 readers[b],
                 layer_idx,
                 cfgs[b].top_k,
-                cfgs[b].collect_mass,
+                attn_np[b : b + 1],
             )
-            outs.append(out_b)
             read_s[b] += secs
             if cfgs[b].collect_mass and ids is not None and w_mem is not None:
                 masses[b].append((ids, w_mem))
-        attn_out = outs[0] if n == 1 else torch.cat(outs)
-        o = layer.self_attn.o_proj(attn_out.to(torch.bfloat16))
-        add_rms_norm(hn, bf16_bits(o), norm_post[layer_idx], eps, xb)
-        gate_up = bf16_bits(layer.mlp.gate_up_proj(x))
+        add_rms_norm(
+            hn, bf16_bits(o_mm(attn_out.to(torch.bfloat16))), norm_post[layer_idx], eps, xb
+        )
+        gate_up = bf16_bits(gate_up_mm(x))
         if act is None:
             act = torch.empty(n, gate_up.shape[1] // 2, dtype=torch.bfloat16)
         silu_mul(gate_up, bf16_bits(act))
-        delta = bf16_bits(layer.mlp.down_proj(act))
+        delta = bf16_bits(down_mm(act))
     hs += torch.from_numpy(delta).view(torch.int16).view(torch.bfloat16).float()
     return hs, read_s, masses
 

@@ -28,6 +28,7 @@ embedding lookup keeps the float32 table.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -120,6 +121,24 @@ class PackedLinear(nn.Module):
         else:
             y = torch.nn.functional.linear(x2, self.weight)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def bf16_matmul(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``x -> x W^T`` for bf16 inputs of at most `INT4_MAX_ROWS` rows (rows, in), contiguous,
+        giving bf16 (rows, out): the kernel itself, without `forward`'s reshapes, conversions
+        and module call (a decoding step makes four such calls per layer). Not for fp32
+        weights or row views of int4 matrices."""
+        w, scale = self.weight, self.scale
+        if self.fmt == "int4" and self.rows is None:
+            op4 = torch.ops.aten._weight_int4pack_mm_for_cpu
+            return lambda x: op4(x, w, INT4_GROUP, scale)
+        if self.fmt == "int8":
+            op8 = torch.ops.aten._weight_int8pack_mm
+            return lambda x: op8(x, w, scale)
+        if self.fmt == "bf16":
+            return lambda x: torch.nn.functional.linear(x, w)
+        raise ValueError(
+            f"no bf16 matmul for {self.fmt} weights{' (a row view)' if self.rows else ''}"
+        )
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, format={self.fmt}"

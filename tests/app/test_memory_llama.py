@@ -229,6 +229,21 @@ def test_rope_into_equals_transformers_rotation_bit_for_bit() -> None:
     assert torch.equal(out, want)
 
 
+def test_cached_rope_tables_equal_the_rotary_module_bit_for_bit(lm: LoadedModel) -> None:
+    """`rope_tables` answers from one table per model (a decoding step asks for one row per
+    layer call): each row must be what the model's rotary module gives for that position alone,
+    also past the first table's end (it grows)."""
+    from app.memory_llama import rope_tables
+
+    model = lm.model
+    rotary = model.model.rotary_emb
+    for start, length in ((0, 1), (37, 1), (1000, 30), (1023, 2), (5000, 1), (70, 300)):
+        cos, sin = rope_tables(model, start, length, torch.float32)
+        want_cos, want_sin = rotary(torch.zeros(1), torch.arange(start, start + length)[None])
+        assert torch.equal(cos, want_cos[0]) and torch.equal(sin, want_sin[0]), (start, length)
+    assert model.memchat_rope[0].shape[0] >= 5001
+
+
 def test_a_batched_step_equals_one_step_per_sequence(lm: LoadedModel) -> None:
     """`forward_batch`: three sequences of different lengths, one reading a memory, one an empty
     memory, one none, stepped together equal each stepped alone (logits, hidden states, window

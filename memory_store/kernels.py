@@ -191,7 +191,7 @@ def _top_rows(scores, n, k, rows, best):  # type: ignore[no-untyped-def]
 
 @nb.njit(cache=True, fastmath=FASTMATH, nogil=True)
 def search_heads(  # type: ignore[no-untyped-def]  # numba compiles it; arrays throughout
-    keys,  # tuple of H float32 [n_h, D]: each head's key column
+    keys,  # tuple of H uint16 [n_h, D]: each head's key column, float16 bits
     ids,  # tuple of H int64 [n_h]
     s0,  # tuple of H float32 [n_h]
     refreshed,  # tuple of H int32 [n_h]
@@ -227,7 +227,7 @@ def search_heads(  # type: ignore[no-untyped-def]  # numba compiles it; arrays t
             for g in range(Q):
                 s = np.float32(0.0)
                 for d in range(D):
-                    s += kh[r, d] * qh[g, d]
+                    s += _f16_bits_to_f32(kh[r, d]) * qh[g, d]
                 dots[g, r] = s
         for g in range(Q):
             _top_rows(dots[g], n, k, rows, best)
@@ -255,22 +255,22 @@ def search_heads(  # type: ignore[no-untyped-def]  # numba compiles it; arrays t
                     out_values[h, g, j, d] = _f16_bits_to_f32(vh[r, d])
                 if want_keys:
                     for d in range(D):
-                        out_keys[h, g, j, d] = kh[r, d]
+                        out_keys[h, g, j, d] = _f16_bits_to_f32(kh[r, d])
 
 
 # No fastmath below: the merge must round exactly as numpy's float32 expression does.
 @nb.njit(cache=True, nogil=True)
 def merge_rows(keys, values, rows, new_keys, new_values, w):  # type: ignore[no-untyped-def]
-    """For i in order: keys[rows[i]] <- f16(k + w (new_keys[i] - k)) (float32 [n, D], float16-
-    rounded) and values[rows[i]] likewise (float16 bits, uint16 [n, D]; new_values [m, D] too).
-    Repeated rows apply one after another, in the order given."""
+    """For i in order: keys[rows[i]] <- f16(k + w (new_keys[i] - k)) (float16 bits, uint16 [n, D];
+    new_keys float32 [m, D]) and values[rows[i]] likewise (float16 bits, uint16 [n, D];
+    new_values [m, D] too). Repeated rows apply one after another, in the order given."""
     D = keys.shape[1]
     w = np.float32(w)  # float32 arithmetic throughout, as numpy's
     for i in range(rows.shape[0]):
         r = rows[i]
         for d in range(D):
-            k = keys[r, d]
-            keys[r, d] = _f16_bits_to_f32(_f32_to_f16_bits(k + w * (new_keys[i, d] - k)))
+            k = _f16_bits_to_f32(keys[r, d])
+            keys[r, d] = _f32_to_f16_bits(k + w * (new_keys[i, d] - k))
             v = _f16_bits_to_f32(values[r, d])
             x = _f16_bits_to_f32(new_values[i, d])
             values[r, d] = _f32_to_f16_bits(v + w * (x - v))
@@ -334,7 +334,7 @@ def compile_kernels(n_heads: int) -> None:
     """Compile the kernels (`search_heads` for memories of `n_heads` KV heads, the write's) or
     load them from numba's disk cache: otherwise a session's first read or write waits (seconds)."""
     empty = (
-        tuple(np.zeros((0, 1), np.float32) for _ in range(n_heads)),
+        tuple(np.zeros((0, 1), np.uint16) for _ in range(n_heads)),
         tuple(np.zeros(0, np.int64) for _ in range(n_heads)),
         tuple(np.zeros(0, np.float32) for _ in range(n_heads)),
         tuple(np.zeros(0, np.int32) for _ in range(n_heads)),
@@ -348,14 +348,9 @@ def compile_kernels(n_heads: int) -> None:
         np.zeros((0, 0, 0, 0), np.float32),
     )
     search_heads(*empty, np.zeros((n_heads, 1, 1), np.float32), 0, 0.0, *out)
-    none = np.zeros((0, 1), np.float32)
+    bits = np.zeros((0, 1), np.uint16)
     merge_rows(
-        none,
-        none.view(np.uint16),
-        np.zeros(0, np.int64),
-        none,
-        none.view(np.uint16),
-        np.float32(0.5),
+        bits, bits, np.zeros(0, np.int64), np.zeros((0, 1), np.float32), bits, np.float32(0.5)
     )
     for mass in (np.zeros(0, np.float32), np.zeros(0, np.float64)):
         sum_by_id(

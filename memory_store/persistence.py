@@ -508,8 +508,7 @@ def _assemble(
     cols["put"] = np.zeros(n, bool)
     cols["state"] = np.zeros(n, bool)
     if "key" in cols:
-        cols["key"] = cols["key"].astype(np.float32)
-        cols["knorm"] = np.linalg.norm(cols["key"], axis=1).astype(np.float32)
+        cols["knorm"] = np.linalg.norm(cols["key"].astype(np.float32), axis=1).astype(np.float32)
     else:
         cols["attention"] = np.zeros(n, np.float32)
     del cols["seq"]

@@ -9,9 +9,8 @@ store holds one entry per remembered token (final hidden state -> next token) fo
 Entries live in parallel numpy columns (`ColumnTable`) in insertion order = ascending entry id, so
 a search label is a row and ``searchsorted`` maps ids to rows. Entry ids are ``write base + token
 index`` (one session-wide counter), so the entries a token left in different slots share its id,
-and ids are never reused. Vectors are rounded to float16 precision when written (values and kNN
-hidden states are kept as float16, keys as float32 for FAISS and the merge test), so what SQL
-stores as fp16 reloads bit-exact.
+and ids are never reused. Vectors are kept as float16 (keys, values, kNN hidden states; widened to
+float32 for FAISS, BLAS and the merge arithmetic), so what SQL stores as fp16 reloads bit-exact.
 
 Strength is ``s0 * decay ** (turn - refreshed)``: advancing the clock (`set_turn`) rewrites
 nothing. Each entry carries dirty flags (``put``: payload changed or new; ``state``:
@@ -345,12 +344,13 @@ class EntryStore:
 
 
 class KeySlot(EntryStore):
-    """One (layer, KV head): pre-RoPE keys (float32, fp16-rounded) and values (float16)."""
+    """One (layer, KV head): pre-RoPE keys and values, both float16 (the read's scan streams every
+    key once per decoded token: half the bytes of float32; the widened values are the same)."""
 
     def __init__(self, head_dim: int, params: MemoryParams):
         schema = _common_schema()
         schema.update(
-            key=(np.dtype(np.float32), (head_dim,)),
+            key=(np.dtype(np.float16), (head_dim,)),
             value=(np.dtype(np.float16), (head_dim,)),
             knorm=(np.dtype(np.float32), ()),  # |key|, cached for the merge test
         )
@@ -401,8 +401,9 @@ class KeySlot(EntryStore):
         Exact scan while the slot is flat; above exact_max the candidates are the IP index's top
         max(32, top_k) for the unit query (approximate, as the index itself).
         """
-        keys, inv = self.col("key"), 1.0 / np.maximum(self.col("knorm"), _TINY)
+        inv = 1.0 / np.maximum(self.col("knorm"), _TINY)
         if self.index.kind == "flat":
+            keys = self.col("key").astype(np.float32)  # widened once for BLAS
             best = np.empty(len(unit), dtype=np.int64)
             cos = np.empty(len(unit), dtype=np.float32)
             for i in range(0, len(unit), _MERGE_BLOCK):
@@ -412,7 +413,7 @@ class KeySlot(EntryStore):
             return best, cos
         _, rows = self.index.search(unit, max(32, self.params.top_k))
         r = np.maximum(rows, 0)
-        sims = np.einsum("tcd,td->tc", keys[r], unit) * inv[r]  # (T, C)
+        sims = np.einsum("tcd,td->tc", self.col("key")[r].astype(np.float32), unit) * inv[r]
         sims[rows < 0] = -np.inf
         pick = sims.argmax(axis=1)
         return r[np.arange(len(r)), pick], sims[np.arange(len(r)), pick].astype(np.float32)
@@ -484,7 +485,7 @@ class KeySlot(EntryStore):
             return
         K, V = self.col("key"), self.col("value")
         merge_rows(
-            K,
+            K.view(np.uint16),
             V.view(np.uint16),
             np.ascontiguousarray(rows, dtype=np.int64),
             np.ascontiguousarray(keys, dtype=np.float32),
@@ -492,7 +493,7 @@ class KeySlot(EntryStore):
             np.float32(self.params.merge_weight),
         )
         # rows may repeat: each copy gets the same (final) value, cheaper than np.unique
-        self.col("knorm")[rows] = np.linalg.norm(K[rows], axis=1)
+        self.col("knorm")[rows] = np.linalg.norm(K[rows].astype(np.float32), axis=1)
         self.col("s0")[rows] = 1.0
         self.col("refreshed")[rows] = turn
         self.col("put")[rows] = True
@@ -723,7 +724,7 @@ class SessionMemory:
             cached = (
                 versions,
                 (
-                    tuple(c("key") for c in cols),
+                    tuple(c("key").view(np.uint16) for c in cols),
                     tuple(c("id") for c in cols),
                     tuple(c("s0") for c in cols),
                     tuple(c("refreshed") for c in cols),
@@ -791,7 +792,7 @@ class SessionMemory:
                 kcol, size = slots[h].col("key"), sizes[i]
                 for r0 in range(0, size, chunk):
                     r1 = min(size, r0 + chunk)
-                    np.matmul(kcol[r0:r1], qt[h], out=buf[i, r0:r1])
+                    np.matmul(kcol[r0:r1].astype(np.float32), qt[h], out=buf[i, r0:r1])
                 if size < width:
                     buf[i, size:] = -np.inf
             cols, top = topk_rows(buf.transpose(0, 2, 1).reshape(E * qb, width), kk, groups)
@@ -811,7 +812,7 @@ class SessionMemory:
                 slot.col("refreshed").take(r, out=refreshed[i, a:b], mode="clip")
                 slot.col("value").take(r, axis=0, out=values[i, a:b], mode="clip")
                 if keys is not None:
-                    slot.col("key").take(r, axis=0, out=keys[i, a:b], mode="clip")
+                    keys[i, a:b] = slot.col("key").take(r, axis=0, mode="clip")
         found = SearchResult(
             ids=ids,
             scores=scores,

@@ -29,27 +29,35 @@ def test_merge_rows_matches_numpy_bit_for_bit() -> None:
     values = (rng.standard_normal((m, D)) * 3).astype(np.float16)
     rows = rng.integers(0, n, size=m)  # many repeats: their order matters
     for w in (0.5, 0.3, 0.01):
-        K1, V1, K2, V2 = K.copy(), V.copy(), K.copy(), V.copy()
-        merge_rows(K1, V1.view(np.uint16), rows, keys, values.view(np.uint16), np.float32(w))
+        K1, V1, K2, V2 = K.astype(np.float16), V.copy(), K.copy(), V.copy()
+        merge_rows(
+            K1.view(np.uint16),
+            V1.view(np.uint16),
+            rows,
+            keys,
+            values.view(np.uint16),
+            np.float32(w),
+        )
         _merge_numpy(K2, V2, rows, keys, values, w)
-        np.testing.assert_array_equal(K1.view(np.uint32), K2.view(np.uint32))
+        # the stored float16 keys are the float32 definition's values, bit for bit
+        np.testing.assert_array_equal(K1.astype(np.float32).view(np.uint32), K2.view(np.uint32))
         np.testing.assert_array_equal(V1.view(np.uint16), V2.view(np.uint16))
-        assert not np.array_equal(K1, K)  # something was merged
+        assert not np.array_equal(K1.astype(np.float32), K)  # something was merged
 
 
 def test_merge_rows_order_of_repeats() -> None:
-    K = np.zeros((1, 2), np.float32)
+    K = np.zeros((1, 2), np.float16)
     V = np.zeros((1, 2), np.float16)
     keys = np.array([[1.0, 1.0], [3.0, 3.0]], np.float32)
     merge_rows(
-        K,
+        K.view(np.uint16),
         V.view(np.uint16),
         np.array([0, 0]),
         keys,
         keys.astype(np.float16).view(np.uint16),
         np.float32(0.5),
     )
-    np.testing.assert_array_equal(K[0], [1.75, 1.75])  # (0 -> 0.5) then (0.5 -> 1.75)
+    np.testing.assert_array_equal(K[0].astype(np.float32), [1.75, 1.75])  # 0 -> .5 -> 1.75
     np.testing.assert_array_equal(V[0].astype(np.float32), [1.75, 1.75])
 
 

@@ -31,7 +31,7 @@ import numpy.typing as npt
 from .columns import ColumnTable, Schema
 from .errors import ShapeError
 from .index import VectorIndex
-from .kernels import first_roots, merge_rows, scaled_argmax, search_heads, sum_by_id
+from .kernels import first_roots, merge_rows, scaled_argmax, search_heads, sum_by_id, widen_f16
 from .params import MemoryParams
 
 _TINY = np.float32(1e-12)  # norm guard for the cosine of an all-zero key
@@ -369,6 +369,12 @@ class KeySlot(EntryStore):
         self.head_dim = head_dim
         self.params = params
 
+    def keys_f32(self) -> np.ndarray:
+        """The key column widened to float32 [n, D] (a new array, for BLAS)."""
+        out = np.empty((len(self), self.head_dim), dtype=np.float32)
+        widen_f16(self.col("key").view(np.uint16), out)
+        return out
+
     def search_into(self, q: np.ndarray, k: int, turn: int, out: SearchResult, h: int) -> None:
         """Top-k entries for queries `q` [Q, D], written into row `h` of the [H, ...] arrays of
         `out` (which arrive zeroed, ids -1 and log_strength -inf: only hits are filled)."""
@@ -403,7 +409,7 @@ class KeySlot(EntryStore):
         """
         inv = 1.0 / np.maximum(self.col("knorm"), _TINY)
         if self.index.kind == "flat":
-            keys = self.col("key").astype(np.float32)  # widened once for BLAS
+            keys = self.keys_f32()  # widened once for BLAS
             best = np.empty(len(unit), dtype=np.int64)
             cos = np.empty(len(unit), dtype=np.float32)
             for i in range(0, len(unit), _MERGE_BLOCK):
@@ -789,10 +795,10 @@ class SessionMemory:
             buf = np.empty((E, width, qb), dtype=np.float32)
             chunk = max(256, _GEMM_MNK // (qb * D))  # key rows per matmul
             for i, h in enumerate(heads):
-                kcol, size = slots[h].col("key"), sizes[i]
+                kcol, size = slots[h].keys_f32(), sizes[i]
                 for r0 in range(0, size, chunk):
                     r1 = min(size, r0 + chunk)
-                    np.matmul(kcol[r0:r1].astype(np.float32), qt[h], out=buf[i, r0:r1])
+                    np.matmul(kcol[r0:r1], qt[h], out=buf[i, r0:r1])
                 if size < width:
                     buf[i, size:] = -np.inf
             cols, top = topk_rows(buf.transpose(0, 2, 1).reshape(E * qb, width), kk, groups)

@@ -109,3 +109,17 @@ def test_float16_rounding_matches_numpy_over_the_float32_range() -> None:
     with np.errstate(over="ignore"):
         want = x.astype(np.float16).view(np.uint16)
     np.testing.assert_array_equal(out, want)
+
+
+def test_widen_f16_is_numpys_conversion_for_every_float16() -> None:
+    """The keys' widening for BLAS (`KeySlot.keys_f32`): every one of the 65536 bit patterns,
+    NaNs staying NaNs."""
+    from memory_store.kernels import widen_f16
+
+    bits = np.arange(65536, dtype=np.uint16).reshape(-1, 64)
+    out = np.full(bits.shape, 7.0, np.float32)
+    widen_f16(bits, out)
+    want = bits.view(np.float16).astype(np.float32)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(out), nan)
+    np.testing.assert_array_equal(out[~nan].view(np.uint32), want[~nan].view(np.uint32))

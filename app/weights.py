@@ -247,6 +247,9 @@ def pack_weights(model: LlamaForCausalLM, fmt: WeightFormat = "fp32") -> LlamaFo
     if fmt != "fp32":
         # a packed copy for the head; the embedding keeps the float32 table for lookups
         head = model.lm_head.weight
-        model.lm_head = RescoredHead(head) if fmt == "int4" else PackedLinear(head, fmt)
+        if fmt == "int4" and head.shape[0] % _INT4_ROWS == 0 and head.shape[1] % INT4_GROUP == 0:
+            model.lm_head = RescoredHead(head)
+        else:  # a vocabulary int4's layout cannot hold keeps the plain int8 head
+            model.lm_head = PackedLinear(head, "int8" if fmt == "int4" else fmt)
     model.memchat_weights = fmt  # type: ignore[assignment]  # a plain attribute, not a module
     return model

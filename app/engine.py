@@ -429,7 +429,7 @@ class Engine:
         self.model = lm.model
         self.fmt = ChatFormat(lm.tokenizer)
         # the end-of-message ids as a tensor: what `min_tokens` keeps from being picked
-        self.stop_list = torch.tensor(sorted(self.fmt.stop_ids), dtype=torch.long)
+        self.stop_id_tensor = torch.tensor(sorted(self.fmt.stop_ids), dtype=torch.long)
         self.db = db
         self.window = window
         self.params = params or MemoryParams()
@@ -1129,7 +1129,7 @@ class Engine:
                                 temperature,
                                 top_p,
                                 generator,
-                                forbid=self.stop_list if early else None,
+                                forbid=self.stop_id_tensor if early else None,
                             )
                             if nxt in self.fmt.stop_ids:
                                 finish = "stop"

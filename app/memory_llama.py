@@ -118,12 +118,13 @@ class WindowCache:
         self.keys = torch.zeros(shape, dtype=dtype)  # before RoPE
         self.keys_rot = torch.zeros(shape, dtype=dtype)  # at positions 0..length-1
         self.values = torch.zeros(shape, dtype=dtype)
+        self._arrays: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """numpy views (no copy) of the float32 buffers keys, keys_rot, values (L, H, cap, D),
         made once per set of buffers (a copied cache has its own)."""
         ptr = self.keys.data_ptr()
-        if getattr(self, "_arrays", (None,))[0] != ptr:
+        if self._arrays is None or self._arrays[0] != ptr:
             self._arrays = (ptr, self.keys.numpy(), self.keys_rot.numpy(), self.values.numpy())
         return self._arrays[1], self._arrays[2], self._arrays[3]
 

@@ -117,6 +117,33 @@ def rope_store(qkv, cos, sin, n_q, keys, keys_rot, values, past, q_rot):  # type
                 keys[head - n_q, past, d] = x[d]
 
 
+# no fastmath, as `rope_store`: the re-rotated keys are the bits of a fresh rotation
+@nb.njit(cache=True, nogil=True)
+def slide_window(keys, keys_rot, values, start, end, length, cos, sin):  # type: ignore[no-untyped-def]  # numba compiles it
+    """Remove rows ``start..end-1`` of the window buffers (float32 [L, H, capacity, D]): rows
+    ``end..length-1`` move to ``start``, their keys rotated again from the raw keys with
+    ``cos``/``sin`` [length - end, D] of the new positions. One pass per row, instead of a
+    copy, a move and four RoPE operations over the whole window."""
+    L, H, _, D = keys.shape
+    half = D // 2
+    for layer in range(L):
+        for head in range(H):
+            for t in range(length - end):
+                src = end + t
+                dst = start + t
+                for d in range(D):  # dst < src: a row is read before it is overwritten
+                    keys[layer, head, dst, d] = keys[layer, head, src, d]
+                    values[layer, head, dst, d] = values[layer, head, src, d]
+                for d in range(D):
+                    x = keys[layer, head, dst, d]
+                    other = (
+                        -keys[layer, head, dst, d + half]
+                        if d < half
+                        else keys[layer, head, dst, d - half]
+                    )
+                    keys_rot[layer, head, dst, d] = x * cos[t, d] + other * sin[t, d]
+
+
 def compile_fused() -> None:
     """Compile the kernels or load them from numba's disk cache (seconds otherwise, in the first
     decoding step)."""
@@ -129,3 +156,14 @@ def compile_fused() -> None:
         np.zeros(6, np.uint16), np.ones(2, np.float32), np.zeros(2, np.float32), 1,
         buf, buf.copy(), buf.copy(), 0, np.zeros((1, 2), np.float32),
     )  # fmt: skip
+    win = np.zeros((1, 1, 3, 2), np.float32)
+    slide_window(
+        win,
+        win.copy(),
+        win.copy(),
+        0,
+        1,
+        3,
+        np.ones((2, 2), np.float32),
+        np.zeros((2, 2), np.float32),
+    )

@@ -33,7 +33,14 @@ import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from app.fused import add_rms_norm, bf16_bits, exp_nonpositive, rope_store, silu_mul
+from app.fused import (
+    add_rms_norm,
+    bf16_bits,
+    exp_nonpositive,
+    rope_store,
+    silu_mul,
+    slide_window,
+)
 from memory_store.kernels import FASTMATH
 
 _LOG_FLOOR = math.log(1e-30)  # floor of the mixed output distribution, in log space
@@ -75,7 +82,8 @@ class ReadConfig:
 class LayerMass:
     """Attention mass the memory entries of one layer received from the query heads of each group
     and the query tokens: ``ids[h]`` and ``mass[h]`` per KV head ``h``. An id may appear more
-    than once (its mass is the sum); reads of many queries are summed per distinct id."""
+    than once (its mass is the sum); reads of many queries are summed per distinct id. A few
+    queries' reads keep their misses (id -1, mass 0), which every consumer drops."""
 
     ids: list[np.ndarray]
     mass: list[np.ndarray]
@@ -186,7 +194,11 @@ class WindowCache:
         new_length = self.length - n
         # every later token moves n positions back: rotated again from its raw key. Layer by
         # layer, so each layer's part stays in the CPU cache through its move and rotation.
-        if rest:
+        if rest and self.keys.dtype == torch.float32:  # the compiled pass
+            cos, sin = rope_tables(self.model, start, rest, self.keys.dtype)
+            keys, keys_rot, values = self.arrays()
+            slide_window(keys, keys_rot, values, start, end, self.length, cos.numpy(), sin.numpy())
+        elif rest:
             cos, sin = rope_tables(self.model, start, rest, self.keys.dtype)
             for layer in range(self.n_layers):
                 for buf in (self.keys[layer], self.values[layer]):
@@ -888,18 +900,19 @@ _MASS_SUM_MIN = 1024  # weights per head from which `_sum_mass` sums per distinc
 
 
 def _sum_mass(ids: np.ndarray, weights: np.ndarray) -> LayerMass:
-    """The weights (H, Q, k) memory ids received, per KV head, without the misses (id -1);
-    summed per distinct id when there are many (a prefill). A decoding step's few are kept as
-    they are: its consumers sum repeats anyway, and a sort per head and layer per decoded token
-    was 4% of a turn."""
+    """The weights (H, Q, k) memory ids received, per KV head; summed per distinct id, without
+    the misses (id -1), when there are many (a prefill). A decoding step's few are kept as they
+    are, misses included (weight 0), as views: their consumers sum repeats and drop unknown ids
+    anyway, and a sort, or even a filter, per head and layer per decoded token was a few % of a
+    turn."""
+    if ids.shape[1] * ids.shape[2] < _MASS_SUM_MIN:
+        flat_ids = ids.reshape(ids.shape[0], -1)
+        flat_w = weights.reshape(ids.shape[0], -1).astype(np.float32, copy=False)
+        return LayerMass(ids=list(flat_ids), mass=list(flat_w))
     out_ids, out_mass = [], []
     for head in range(ids.shape[0]):
         flat_ids = ids[head].ravel()
         keep = flat_ids >= 0
-        if len(flat_ids) < _MASS_SUM_MIN:
-            out_ids.append(flat_ids[keep])
-            out_mass.append(weights[head].ravel()[keep].astype(np.float32))
-            continue
         uniq, inverse = np.unique(flat_ids[keep], return_inverse=True)
         out_ids.append(uniq.astype(np.int64))
         out_mass.append(

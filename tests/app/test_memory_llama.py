@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from app.memory_llama import ReadConfig, WindowCache, attend, forward, reference_logits
+from app.memory_llama import (
+    ReadConfig,
+    WindowCache,
+    attend,
+    forward,
+    reference_logits,
+    rope_into,
+    rope_tables,
+)
 from app.model import LoadedModel
 
 # fp32 on CPU: the hand-written forward differs from transformers' only by summation order
@@ -52,6 +60,26 @@ def test_repositioned_window_equals_reencoding(lm: LoadedModel) -> None:
     assert torch.allclose(
         window.keys_rot[:, :, : window.length], fresh.keys_rot[:, :, : fresh.length]
     )
+
+
+def test_dropping_a_middle_range_moves_and_rerotates_exactly(lm: LoadedModel) -> None:
+    """The compiled slide (`fused.slide_window`) gives the bits of moving the later tokens by
+    torch and rotating them anew with the model's RoPE; rows before the range are untouched."""
+    ids = _ids(lm)
+    window = WindowCache(lm.model, 256)
+    forward(lm.model, ids, window, None, ReadConfig())
+    n = window.length
+    keys, values, rot = (b[:, :, :n].clone() for b in (window.keys, window.values, window.keys_rot))
+    window.drop_range(3, 8)
+    assert window.length == n - 5
+    want_keys = torch.cat([keys[:, :, :3], keys[:, :, 8:]], dim=2)
+    want_values = torch.cat([values[:, :, :3], values[:, :, 8:]], dim=2)
+    cos, sin = rope_tables(lm.model, 3, n - 8, torch.float32)
+    want_rot = torch.cat([rot[:, :, :3], torch.empty_like(keys[:, :, 8:])], dim=2)
+    rope_into(want_rot[:, :, 3:], want_keys[:, :, 3:], cos, sin)
+    assert torch.equal(window.keys[:, :, : n - 5], want_keys)
+    assert torch.equal(window.values[:, :, : n - 5], want_values)
+    assert torch.equal(window.keys_rot[:, :, : n - 5], want_rot)
 
 
 class _OneEntryMemory:

@@ -275,6 +275,23 @@ def _cache_bytes(cache: Any) -> int:
     )
 
 
+def scanned_bytes(memory: Any) -> dict[str, int]:
+    """Bytes an exact read streams per decoded token: every exactly searched slot's key column
+    (all layers) and the kNN store's hidden states (when its index is exact), and how many slots
+    are searched approximately instead (IVF/HNSW, not counted). With the read's time this gives
+    the bandwidth the read reached, a floor for what an exact read can cost."""
+    keys = knn = approx = 0
+    for layer in memory.slots:
+        for slot in layer:
+            if slot.index.kind == "flat":
+                keys += slot.col("key").nbytes
+            else:
+                approx += 1
+    if memory.knn.index.kind == "flat":
+        knn = memory.knn.col("hidden").nbytes
+    return {"keys": keys, "knn": knn, "approximate_slots": approx}
+
+
 def sql_bytes(memory: Any, params: Any) -> int:
     """Bytes the memory takes in a fresh SQLite file."""
     from sqlalchemy.orm import sessionmaker
@@ -424,6 +441,12 @@ def main(argv: list[str] | None = None) -> int:
             "write_seconds_per_256_tokens": round(write_s, 4),
             "fill_seconds": round(fill_s, 1),
             "ram_bytes_per_token": round(mem.nbytes() / tokens),
+            "scanned_bytes_per_token": (scanned := scanned_bytes(mem)),
+            # the read's bytes over its time: near the core's memory bandwidth, only fewer bytes
+            # scanned (approximate search) make the read faster
+            "read_gb_per_s": round(
+                (scanned["keys"] + scanned["knn"]) / max(rate["read_ms_per_token"], 1e-9) / 1e6, 2
+            ),
             "sql_bytes_per_token": round(sql_bytes(mem, params) / tokens),
         }
         result["memory"][str(size)] = entry

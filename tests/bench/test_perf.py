@@ -1,0 +1,32 @@
+"""bench/perf.py end to end at toy sizes: the real model, a real memory, the JSON it prints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import perf
+
+
+def test_perf_prints_rates_ratios_and_scanned_bytes(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--sizes", "300", "--formats", "int4", "--tokens", "3", "--repeats", "1"]
+    args += ["--turns", "2,3", "--window", "256", "--reply-tokens", "3", "--batch", "1,2"]
+    assert perf.main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["transformers_generate"]["tokens_per_s"] > 0
+    assert out["no_memory"]["int4"]["tokens_per_s"] > 0
+    mem = out["memory"]["300"]
+    assert mem["tokens"] >= 300 and mem["read_share"] > 0
+    scanned = mem["scanned_bytes_per_token"]
+    # float16 keys of D=64 per exactly searched entry; float16 hidden states of 576 per token
+    assert scanned["approximate_slots"] == 0
+    assert scanned["keys"] > 0 and scanned["keys"] % (64 * 2) == 0
+    assert scanned["keys"] // 128 <= mem["entries"]
+    assert scanned["knn"] > 0 and scanned["knn"] % (576 * 2) == 0
+    assert mem["read_gb_per_s"] > 0
+    assert set(out["batched"]) >= {"1", "2"}
+    turns = out["turns"]
+    assert set(turns["at"]) == {"2", "3"} and turns["ratio_turn_3_to_2"] > 0
+    assert all(n == 3 for n in turns["at"]["3"]["reply_tokens"])  # min_tokens holds replies
+    assert turns["memory_write_ms"]["n"] == 6

@@ -197,6 +197,7 @@ def search_heads(  # type: ignore[no-untyped-def]  # numba compiles it; arrays t
     refreshed,  # tuple of H int32 [n_h]
     values,  # tuple of H uint16 [n_h, D]: float16 bits
     q,  # float32 [H, Q, D]
+    scored,  # float32 [H, Q, >= n_h]: the scores already computed (BLAS), or [0, 0, 0] for none
     turn,  # int
     log_decay,  # float
     out_ids,  # int64 [H, Q, k]
@@ -207,28 +208,32 @@ def search_heads(  # type: ignore[no-untyped-def]  # numba compiles it; arrays t
 ):
     """Exact top-k by inner product of each head's keys for its queries, and the hits' ids,
     scores, log strengths, values and keys, by score descending. Places past a
-    head's entries get id -1, score 0, log strength -inf and zero vectors."""
+    head's entries get id -1, score 0, log strength -inf and zero vectors. The scores are
+    computed here, row by row (fastest for a few queries), unless `scored` holds them."""
     H, Q, D = q.shape
     k = out_ids.shape[2]
     want_keys = out_keys.shape[0] > 0
+    have_scores = scored.shape[0] > 0
     best = np.empty(k, dtype=np.float32)
     rows = np.empty(k, dtype=np.int64)
     n_max = 0
     for h in range(H):
         n_max = max(n_max, keys[h].shape[0])
-    dots = np.empty((Q, n_max), dtype=np.float32)
+    buf = np.empty((Q, 0 if have_scores else n_max), dtype=np.float32)
     for h in range(H):
         # a tuple indexed by a runtime value is a switch: once per head, not per hit
         kh, idh, s0h, refh, vh = keys[h], ids[h], s0[h], refreshed[h], values[h]
         n = kh.shape[0]
         qh = q[h]
         # the scores first, in a loop of its own (vectorized), then the selection
-        for r in range(n):
-            for g in range(Q):
-                s = np.float32(0.0)
-                for d in range(D):
-                    s += _f16_bits_to_f32(kh[r, d]) * qh[g, d]
-                dots[g, r] = s
+        dots = scored[h] if have_scores else buf
+        if not have_scores:
+            for r in range(n):
+                for g in range(Q):
+                    s = np.float32(0.0)
+                    for d in range(D):
+                        s += _f16_bits_to_f32(kh[r, d]) * qh[g, d]
+                    dots[g, r] = s
         for g in range(Q):
             _top_rows(dots[g], n, k, rows, best)
             for j in range(k):
@@ -358,7 +363,8 @@ def compile_kernels(n_heads: int) -> None:
         np.zeros((n_heads, 1, 1, 1), np.float32),
         np.zeros((0, 0, 0, 0), np.float32),
     )
-    search_heads(*empty, np.zeros((n_heads, 1, 1), np.float32), 0, 0.0, *out)
+    for scored in (np.zeros((0, 0, 0), np.float32), np.zeros((n_heads, 1, 0), np.float32)):
+        search_heads(*empty, np.zeros((n_heads, 1, 1), np.float32), scored, 0, 0.0, *out)
     bits = np.zeros((0, 1), np.uint16)
     widen_f16(bits, np.zeros((0, 1), np.float32))
     merge_rows(

@@ -201,6 +201,25 @@ def test_kernel_and_blas_reads_agree_and_ties_go_to_the_older_entry(
         np.testing.assert_array_equal(r.ids[0, g], tied.slots[0][0].col("id")[order])
 
 
+@pytest.mark.parametrize("queries", [1, store_mod._BLAS_SCORES_MIN_QUERIES, 63])
+def test_kernel_with_blas_scores_equals_its_own_scan(rng, monkeypatch, queries: int) -> None:
+    """A turn's first pass (many queries per head) scores with BLAS, then selects and gathers in
+    the kernel: the same entries as the kernel's row-by-row scan, slots of unequal sizes."""
+    mem = SessionMemory(L, H, D, DM)  # merging on: head 2 holds far fewer entries (`_fill`)
+    _fill(mem, rng, 3, 120)
+    sizes = [len(s) for s in mem.slots[0]]
+    assert min(sizes) < 16 < max(sizes)  # misses past the small slot's entries too
+    q = rng.standard_normal((H, queries, D)).astype(np.float32)
+    monkeypatch.setattr(store_mod, "_BLAS_SCORES_MIN_QUERIES", 1)
+    blas = mem.search(0, q, 16)
+    monkeypatch.setattr(store_mod, "_BLAS_SCORES_MIN_QUERIES", 10**9)
+    scan = mem.search(0, q, 16)
+    for name in ("ids", "values", "keys"):
+        np.testing.assert_array_equal(getattr(blas, name), getattr(scan, name), name)
+    np.testing.assert_allclose(blas.scores, scan.scores, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(blas.log_strength, scan.log_strength)
+
+
 @pytest.mark.parametrize("widen", ["_f16_bits_to_f32", "_f16_bits_to_f32_portable"])
 def test_kernel_float16_conversion_is_exact_for_every_bit_pattern(widen: str) -> None:
     """The widening the kernels use (F16C's where the CPU has it) and the portable one."""

@@ -13,9 +13,10 @@ load spreads over all of them):
 * ``--batch 1,2,4`` sessions decoding together (`forward_batch`, what the engine's
   `DecodeBatcher` runs for concurrent turns), each reading the smallest memory: summed tokens/s.
 
-Then one conversation through the engine (``--turns 10,100,1000``, window ``--window``): history
-is imported up to each checkpoint and three real turns are timed there (median); memory writes
-per turn (p50/p95) come from those turns.
+Then conversations through the engine (``--turns 10,100,1000``, window ``--window``), one per
+checkpoint, history imported up to it; ``--rounds`` rounds of one real turn in each conversation
+are timed, the checkpoints interleaved (median per checkpoint, and the ratio per round); memory
+writes per turn (p50/p95) come from those turns.
 
 Rates are medians of ``--repeats`` runs: ``tokens_per_s`` by the wall clock and
 ``tokens_per_cpu_s`` by this process's CPU time (with one thread, much less sensitive to other
@@ -199,10 +200,17 @@ _TIMED_PROMPTS = (
 
 
 def turn_latency(
-    lm: Any, checkpoints: list[int], window: int, reply_tokens: int, seed: int = 0
+    lm: Any,
+    checkpoints: list[int],
+    window: int,
+    reply_tokens: int,
+    rounds: int = 5,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """One conversation through the engine (SQLite, the service's memory defaults): history
-    imported up to each checkpoint, then three real turns timed there (`_TIMED_PROMPTS`)."""
+    """Conversations through the engine (SQLite, the service's memory defaults), one per
+    checkpoint with history imported up to it, then ``rounds`` rounds of one real turn in each
+    (`_TIMED_PROMPTS` in turn): the checkpoints' turns interleaved, so a change in machine load
+    during the run spreads over all of them instead of landing on one checkpoint's median."""
     import resource
 
     from app.db import make_sessionmaker
@@ -213,6 +221,7 @@ def turn_latency(
     corpus = _corpus()
     out: dict[str, Any] = {"window": window, "reply_tokens": reply_tokens, "at": {}}
     writes: list[float] = []
+    points = sorted(checkpoints)
     with tempfile.TemporaryDirectory() as tmp:
         engine = Engine(
             lm,
@@ -220,46 +229,52 @@ def turn_latency(
             window=window,
             params=MemoryParams(),
             max_new_tokens=reply_tokens,
+            max_cached_sessions=max(16, len(points)),  # no reload inside a timed turn
         )
-        sid = engine.create_session()
-        turn = 0
-        for point in sorted(checkpoints):
+        sids: dict[int, str] = {}
+        for point in points:
             history: list[dict[str, str]] = []
-            while turn + len(history) // 2 < point - 1:
+            while len(history) // 2 < point - 1:
                 history += [
                     {"role": "user", "content": rng.choice(corpus)},
                     {"role": "assistant", "content": rng.choice(corpus)},
                 ]
+            sids[point] = engine.create_session()
             t0 = time.perf_counter()
             for i in range(0, len(history), 100):
-                engine.import_messages(sid, history[i : i + 100])
-            import_s = time.perf_counter() - t0
-            turn += len(history) // 2
-            times, replies = [], []
-            for prompt in _TIMED_PROMPTS:
-                t = engine.chat(sid, prompt, max_new_tokens=reply_tokens, min_tokens=reply_tokens)
+                engine.import_messages(sids[point], history[i : i + 100])
+            out["at"][str(point)] = {"import_seconds": round(time.perf_counter() - t0, 1)}
+        times: dict[int, list[float]] = {p: [] for p in points}
+        replies: dict[int, list[int]] = {p: [] for p in points}
+        for r in range(rounds):
+            prompt = _TIMED_PROMPTS[r % len(_TIMED_PROMPTS)]
+            for point in points:
+                t = engine.chat(
+                    sids[point], prompt, max_new_tokens=reply_tokens, min_tokens=reply_tokens
+                )
                 "".join(t)
                 assert t.stats is not None
-                times.append(t.stats.seconds)
-                replies.append(t.stats.completion_tokens)
+                times[point].append(t.stats.seconds)
+                replies[point].append(t.stats.completion_tokens)
                 writes.append(t.stats.memory_write_seconds)
-                turn += 1
-            st = engine.state(sid)
-            out["at"][str(point)] = {
-                "turn_seconds": round(statistics.median(times), 4),
-                "reply_tokens": replies,
+        for point in points:
+            st = engine.state(sids[point])
+            out["at"][str(point)] |= {
+                "turn_seconds": round(statistics.median(times[point]), 4),
+                "reply_tokens": replies[point],
                 "memory_tokens": st.memory.token_count(),
                 "memory_entries": st.memory.entry_count(),
-                "import_seconds": round(import_s, 1),
                 "session_ram_bytes": int(st.memory.nbytes() + _cache_bytes(st.cache)),
             }
-        engine.delete_session(sid)
-    pts = [str(p) for p in sorted(checkpoints)]
-    if len(pts) > 1:
-        first, last = out["at"][pts[0]], out["at"][pts[-1]]
-        out[f"ratio_turn_{pts[-1]}_to_{pts[0]}"] = round(
-            last["turn_seconds"] / first["turn_seconds"], 3
+            engine.delete_session(sids[point])
+    if len(points) > 1:
+        first, last = (times[p] for p in (points[0], points[-1]))
+        out[f"ratio_turn_{points[-1]}_to_{points[0]}"] = round(
+            statistics.median(last) / statistics.median(first), 3
         )
+        # the same ratio round by round (turns timed seconds apart): its spread shows the noise
+        per_round = sorted(b / a for a, b in zip(first, last, strict=True))
+        out[f"ratio_turn_{points[-1]}_to_{points[0]}_per_round"] = [round(x, 3) for x in per_round]
     out["memory_write_ms"] = {
         "p50": round(1000 * float(np.percentile(writes, 50)), 2),
         "p95": round(1000 * float(np.percentile(writes, 95)), 2),
@@ -327,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--turns", default="10,100,1000", help="checkpoints of the long conversation")
     ap.add_argument("--window", type=int, default=1024, help="window of the long conversation")
     ap.add_argument("--reply-tokens", type=int, default=16)
+    ap.add_argument(
+        "--rounds", type=int, default=5, help="timed turns per checkpoint, checkpoints interleaved"
+    )
     ap.add_argument(
         "--batch",
         default="1,2,4",
@@ -468,7 +486,9 @@ def main(argv: list[str] | None = None) -> int:
     checkpoints = [int(t) for t in args.turns.split(",") if t]
     if checkpoints:
         print(f"long conversation to turn {max(checkpoints)}", file=sys.stderr)
-        result["turns"] = turn_latency(lm, checkpoints, args.window, args.reply_tokens)
+        result["turns"] = turn_latency(
+            lm, checkpoints, args.window, args.reply_tokens, rounds=args.rounds
+        )
     json.dump(result, sys.stdout, indent=1)
     print()
     return 0

@@ -11,7 +11,8 @@ from bench import perf
 
 def test_perf_prints_rates_ratios_and_scanned_bytes(capsys: pytest.CaptureFixture[str]) -> None:
     args = ["--sizes", "300", "--formats", "int4", "--tokens", "3", "--repeats", "1"]
-    args += ["--turns", "2,3", "--window", "256", "--reply-tokens", "3", "--batch", "1,2"]
+    args += ["--turns", "2,3", "--window", "256", "--reply-tokens", "3", "--rounds", "2"]
+    args += ["--batch", "1,2"]
     assert perf.main(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["transformers_generate"]["tokens_per_s"] > 0
@@ -28,5 +29,7 @@ def test_perf_prints_rates_ratios_and_scanned_bytes(capsys: pytest.CaptureFixtur
     assert set(out["batched"]) >= {"1", "2"}
     turns = out["turns"]
     assert set(turns["at"]) == {"2", "3"} and turns["ratio_turn_3_to_2"] > 0
-    assert all(n == 3 for n in turns["at"]["3"]["reply_tokens"])  # min_tokens holds replies
-    assert turns["memory_write_ms"]["n"] == 6
+    assert len(turns["ratio_turn_3_to_2_per_round"]) == 2
+    for at in turns["at"].values():  # one conversation per checkpoint, two timed turns each
+        assert at["reply_tokens"] == [3, 3]  # min_tokens holds the replies to their length
+    assert turns["memory_write_ms"]["n"] == 4

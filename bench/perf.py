@@ -246,6 +246,11 @@ def turn_latency(
             out["at"][str(point)] = {"import_seconds": round(time.perf_counter() - t0, 1)}
         times: dict[int, list[float]] = {p: [] for p in points}
         replies: dict[int, list[int]] = {p: [] for p in points}
+        # per checkpoint: time to the first reply token, the memory read's and the end of turn's
+        # (memory upkeep and the commit) seconds of each turn
+        parts: dict[int, dict[str, list[float]]] = {
+            p: {"first_token": [], "read": [], "end_of_turn": []} for p in points
+        }
         for r in range(rounds):
             prompt = _TIMED_PROMPTS[r % len(_TIMED_PROMPTS)]
             for point in points:
@@ -255,12 +260,19 @@ def turn_latency(
                 "".join(t)
                 assert t.stats is not None
                 times[point].append(t.stats.seconds)
+                parts[point]["first_token"].append(t.stats.first_token_seconds or 0.0)
+                parts[point]["read"].append(t.stats.read_seconds)
+                parts[point]["end_of_turn"].append(t.stats.write_seconds)
                 replies[point].append(t.stats.completion_tokens)
                 writes.append(t.stats.memory_write_seconds)
         for point in points:
             st = engine.state(sids[point])
             out["at"][str(point)] |= {
                 "turn_seconds": round(statistics.median(times[point]), 4),
+                **{
+                    f"{name}_seconds": round(statistics.median(xs), 4)
+                    for name, xs in parts[point].items()
+                },
                 "reply_tokens": replies[point],
                 "memory_tokens": st.memory.token_count(),
                 "memory_entries": st.memory.entry_count(),

@@ -11,7 +11,7 @@ from bench import perf
 
 def test_perf_prints_rates_ratios_and_scanned_bytes(capsys: pytest.CaptureFixture[str]) -> None:
     args = ["--sizes", "300", "--formats", "int4", "--tokens", "3", "--repeats", "1"]
-    args += ["--turns", "2,3", "--window", "256", "--reply-tokens", "3", "--rounds", "2"]
+    args += ["--turns", "2,3", "--window", "64", "--reply-tokens", "3", "--rounds", "2"]
     args += ["--batch", "1,2"]
     assert perf.main(args) == 0
     out = json.loads(capsys.readouterr().out)
@@ -32,4 +32,7 @@ def test_perf_prints_rates_ratios_and_scanned_bytes(capsys: pytest.CaptureFixtur
     assert len(turns["ratio_turn_3_to_2_per_round"]) == 2
     for at in turns["at"].values():  # one conversation per checkpoint, two timed turns each
         assert at["reply_tokens"] == [3, 3]  # min_tokens holds the replies to their length
+        assert 0 < at["first_token_seconds"] < at["turn_seconds"]
+        assert at["end_of_turn_seconds"] > 0 and at["read_seconds"] >= 0
+    assert turns["at"]["3"]["read_seconds"] > 0  # history past a 64-token window: a memory
     assert turns["memory_write_ms"]["n"] == 4

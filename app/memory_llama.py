@@ -192,23 +192,24 @@ class WindowCache:
             return
         rest = self.length - end
         new_length = self.length - n
-        # every later token moves n positions back: rotated again from its raw key. Layer by
-        # layer, so each layer's part stays in the CPU cache through its move and rotation.
-        if rest and self.keys.dtype == torch.float32:  # the compiled pass
+        # every later token moves n positions back: rotated again from its raw key
+        if rest:
             cos, sin = rope_tables(self.model, start, rest, self.keys.dtype)
-            keys, keys_rot, values = self.arrays()
-            slide_window(keys, keys_rot, values, start, end, self.length, cos.numpy(), sin.numpy())
-        elif rest:
-            cos, sin = rope_tables(self.model, start, rest, self.keys.dtype)
-            for layer in range(self.n_layers):
-                for buf in (self.keys[layer], self.values[layer]):
-                    buf[:, start:new_length] = buf[:, end : self.length].clone()
-                rope_into(
-                    self.keys_rot[layer, :, start:new_length],
-                    self.keys[layer, :, start:new_length],
-                    cos,
-                    sin,
+            if self.keys.dtype == torch.float32:  # one compiled pass over the rows
+                keys, keys_rot, values = self.arrays()
+                slide_window(
+                    keys, keys_rot, values, start, end, self.length, cos.numpy(), sin.numpy()
                 )
+            else:  # layer by layer: each layer's part stays in cache through move and rotation
+                for layer in range(self.n_layers):
+                    for buf in (self.keys[layer], self.values[layer]):
+                        buf[:, start:new_length] = buf[:, end : self.length].clone()
+                    rope_into(
+                        self.keys_rot[layer, :, start:new_length],
+                        self.keys[layer, :, start:new_length],
+                        cos,
+                        sin,
+                    )
         self.length = new_length
 
     def clear(self) -> None:

@@ -363,8 +363,9 @@ def compile_kernels(n_heads: int) -> None:
         np.zeros((n_heads, 1, 1, 1), np.float32),
         np.zeros((0, 0, 0, 0), np.float32),
     )
-    for scored in (np.zeros((0, 0, 0), np.float32), np.zeros((n_heads, 1, 0), np.float32)):
-        search_heads(*empty, np.zeros((n_heads, 1, 1), np.float32), scored, 0, 0.0, *out)
+    # one compiled version serves both: given scores or not is the same array type
+    scored = np.zeros((0, 0, 0), np.float32)
+    search_heads(*empty, np.zeros((n_heads, 1, 1), np.float32), scored, 0, 0.0, *out)
     bits = np.zeros((0, 1), np.uint16)
     widen_f16(bits, np.zeros((0, 1), np.float32))
     merge_rows(

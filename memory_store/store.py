@@ -169,10 +169,16 @@ def _check(name: str, x: npt.ArrayLike, shape: tuple[int | None, ...], kind: str
     return x
 
 
+def _gemm_rows(queries: int, dim: int) -> int:
+    """Key rows per matmul with `queries` queries of `dim`: at most _GEMM_MNK multiply-adds,
+    at least 256 rows."""
+    return max(256, _GEMM_MNK // (queries * dim))
+
+
 def _blocked_scores(q: np.ndarray, keys: np.ndarray, out: np.ndarray) -> None:
     """``out`` [Q, n] <- q [Q, D] @ keys [n, D].T, in matmuls of at most _GEMM_MNK multiply-adds
     (at least 256 keys each): each one runs on the calling thread."""
-    chunk = max(256, _GEMM_MNK // (q.shape[0] * q.shape[1]))
+    chunk = _gemm_rows(q.shape[0], q.shape[1])
     for r0 in range(0, len(keys), chunk):
         r1 = min(len(keys), r0 + chunk)
         out[:, r0:r1] = q @ keys[r0:r1].T
@@ -828,7 +834,7 @@ class SessionMemory:
             # transposed view; scores land key-major in `buf`, each matmul into a contiguous block
             qt = np.ascontiguousarray(q[:, a:b].transpose(0, 2, 1))
             buf = np.empty((E, width, qb), dtype=np.float32)
-            chunk = max(256, _GEMM_MNK // (qb * D))  # key rows per matmul
+            chunk = _gemm_rows(qb, D)
             for i, h in enumerate(heads):
                 kcol, size = widened[i], sizes[i]
                 for r0 in range(0, size, chunk):

@@ -785,7 +785,7 @@ class Engine:
         self, sid: str, window: int, memory_enabled: bool, read: ReadConfig, params: MemoryParams
     ) -> SessionState:
         memory = SessionMemory(self.n_layers, self.n_kv, self.head_dim, self.hidden_dim, params)
-        cache = WindowCache(self.model, window, round_fp16=True)
+        cache = WindowCache(self.model, window, fp16=True)
         return SessionState(sid, window, memory_enabled, read, cache, [], memory, 0, 0)
 
     def _load(self, sid: str) -> SessionState:

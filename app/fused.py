@@ -13,13 +13,53 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 import torch
+from numba import types
+from numba.extending import overload
 
-from memory_store.kernels import FASTMATH, bits_of_float, float_from_bits
+from memory_store.kernels import (
+    FASTMATH,
+    bits_of_float,
+    f16_bits_to_f32,
+    f32_to_f16_bits,
+    float_from_bits,
+)
 
 
 def bf16_bits(t: torch.Tensor) -> np.ndarray:
     """The uint16 bits of a contiguous bfloat16 tensor, as a numpy view (no copy)."""
     return t.view(torch.int16).numpy().view(np.uint16)
+
+
+def window_array(t: torch.Tensor) -> np.ndarray:
+    """A window buffer as the compiled code takes it, a numpy view (no copy): float32 as it is,
+    float16 as its uint16 bits (numba has no float16)."""
+    a = t.numpy()
+    return a.view(np.uint16) if a.dtype == np.float16 else a
+
+
+def stored(x, buf):  # type: ignore[no-untyped-def]  # compiled code only (`overload` below)
+    """float32 ``x`` as an element of window buffer ``buf`` holds it: itself in a float32
+    buffer, its float16 bits (rounded to nearest even) in a float16 one (uint16)."""
+    raise NotImplementedError("called from compiled code only")
+
+
+def loaded(x):  # type: ignore[no-untyped-def]  # compiled code only (`overload` below)
+    """An element ``x`` of a window buffer as float32 (float16 bits widened, exactly)."""
+    raise NotImplementedError("called from compiled code only")
+
+
+@overload(stored, inline="always")
+def _stored(x, buf):  # type: ignore[no-untyped-def]  # numba typing: one version per dtype
+    if buf.dtype == types.uint16:
+        return lambda x, buf: f32_to_f16_bits(np.float32(x))
+    return lambda x, buf: np.float32(x)
+
+
+@overload(loaded, inline="always")
+def _loaded(x):  # type: ignore[no-untyped-def]  # numba typing: one version per dtype
+    if x == types.uint16:
+        return lambda x: f16_bits_to_f32(x)
+    return lambda x: np.float32(x)
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
@@ -92,8 +132,9 @@ def silu_mul(gate_up, out):  # type: ignore[no-untyped-def]  # numba compiles it
 def rope_store(qkv, cos, sin, n_q, keys, keys_rot, values, past, q_rot):  # type: ignore[no-untyped-def]  # numba compiles it
     """One token's projections ``qkv`` (bf16 bits [(Hq + 2H) * D]: queries, keys, values) with
     RoPE ``cos``/``sin`` [D] of its position: the key before and after RoPE and the value go to
-    row ``past`` of the window buffers (float32 [H, capacity, D]), the rotated queries to
-    ``q_rot`` (float32 [Hq, D]). RoPE as transformers: ``x * cos + rotate_half(x) * sin``."""
+    row ``past`` of the window buffers ([H, capacity, D], float32 or float16 bits: `stored`;
+    a float16 window's key is rotated as it is kept, rounded), the rotated queries to ``q_rot``
+    (float32 [Hq, D]). RoPE as transformers: ``x * cos + rotate_half(x) * sin``."""
     H, _, D = keys.shape
     half = D // 2
     x = np.empty(D, dtype=np.float32)
@@ -103,27 +144,29 @@ def rope_store(qkv, cos, sin, n_q, keys, keys_rot, values, past, q_rot):  # type
             x[d] = _widen(qkv[base + d])
         if head >= n_q + H:  # a value
             for d in range(D):
-                values[head - n_q - H, past, d] = x[d]
+                values[head - n_q - H, past, d] = stored(x[d], values)
             continue
+        if head >= n_q:  # a key: kept, then rotated as kept
+            for d in range(D):
+                keys[head - n_q, past, d] = stored(x[d], keys)
+                x[d] = loaded(keys[head - n_q, past, d])
         for d in range(D):
             other = -x[d + half] if d < half else x[d - half]
             r = x[d] * cos[d] + other * sin[d]
             if head < n_q:
                 q_rot[head, d] = r
             else:
-                keys_rot[head - n_q, past, d] = r
-        if head >= n_q:
-            for d in range(D):
-                keys[head - n_q, past, d] = x[d]
+                keys_rot[head - n_q, past, d] = stored(r, keys_rot)
 
 
 # no fastmath, as `rope_store`: the re-rotated keys are the bits of a fresh rotation
 @nb.njit(cache=True, nogil=True)
 def slide_window(keys, keys_rot, values, start, end, length, cos, sin):  # type: ignore[no-untyped-def]  # numba compiles it
-    """Remove rows ``start..end-1`` of the window buffers (float32 [L, H, capacity, D]): rows
-    ``end..length-1`` move to ``start``, their keys rotated again from the raw keys with
-    ``cos``/``sin`` [length - end, D] of the new positions. One pass per row, instead of a
-    copy, a move and four RoPE operations over the whole window."""
+    """Remove rows ``start..end-1`` of the window buffers ([L, H, capacity, D], float32 or
+    float16 bits): rows ``end..length-1`` move to ``start``, their keys rotated again from the
+    raw keys (in float32, rounded once in a float16 window) with ``cos``/``sin``
+    [length - end, D] of the new positions. One pass per row, instead of a copy, a move and four
+    RoPE operations over the whole window."""
     L, H, _, D = keys.shape
     half = D // 2
     for layer in range(L):
@@ -135,13 +178,15 @@ def slide_window(keys, keys_rot, values, start, end, length, cos, sin):  # type:
                     keys[layer, head, dst, d] = keys[layer, head, src, d]
                     values[layer, head, dst, d] = values[layer, head, src, d]
                 for d in range(D):
-                    x = keys[layer, head, dst, d]
+                    x = loaded(keys[layer, head, dst, d])
                     other = (
-                        -keys[layer, head, dst, d + half]
+                        -loaded(keys[layer, head, dst, d + half])
                         if d < half
-                        else keys[layer, head, dst, d - half]
+                        else loaded(keys[layer, head, dst, d - half])
                     )
-                    keys_rot[layer, head, dst, d] = x * cos[t, d] + other * sin[t, d]
+                    keys_rot[layer, head, dst, d] = stored(
+                        x * cos[t, d] + other * sin[t, d], keys_rot
+                    )
 
 
 def compile_fused() -> None:
@@ -151,19 +196,20 @@ def compile_fused() -> None:
     add_rms_norm(np.zeros((1, 2), np.float32), bits, np.ones(2, np.float32), 1e-5, bits.copy())
     add_rms_norm(np.zeros((1, 2), np.float32), bits[:0], np.ones(2, np.float32), 1e-5, bits.copy())
     silu_mul(bits, np.zeros((1, 1), np.uint16))
-    buf = np.zeros((1, 1, 2), np.float32)
-    rope_store(
-        np.zeros(6, np.uint16), np.ones(2, np.float32), np.zeros(2, np.float32), 1,
-        buf, buf.copy(), buf.copy(), 0, np.zeros((1, 2), np.float32),
-    )  # fmt: skip
-    win = np.zeros((1, 1, 3, 2), np.float32)
-    slide_window(
-        win,
-        win.copy(),
-        win.copy(),
-        0,
-        1,
-        3,
-        np.ones((2, 2), np.float32),
-        np.zeros((2, 2), np.float32),
-    )
+    for dtype in (np.float32, np.uint16):  # float32 and float16 windows
+        buf = np.zeros((1, 1, 2), dtype)
+        rope_store(
+            np.zeros(6, np.uint16), np.ones(2, np.float32), np.zeros(2, np.float32), 1,
+            buf, buf.copy(), buf.copy(), 0, np.zeros((1, 2), np.float32),
+        )  # fmt: skip
+        win = np.zeros((1, 1, 3, 2), dtype)
+        slide_window(
+            win,
+            win.copy(),
+            win.copy(),
+            0,
+            1,
+            3,
+            np.ones((2, 2), np.float32),
+            np.zeros((2, 2), np.float32),
+        )

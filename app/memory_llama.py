@@ -37,9 +37,11 @@ from app.fused import (
     add_rms_norm,
     bf16_bits,
     exp_nonpositive,
+    loaded,
     rope_store,
     silu_mul,
     slide_window,
+    window_array,
 )
 from memory_store.kernels import FASTMATH
 
@@ -105,14 +107,19 @@ class WindowCache:
     """The working window's keys (before and after RoPE) and values, in preallocated buffers.
 
     Tokens sit at positions ``0 .. length-1``; ``append`` writes new tokens after them and
-    ``drop_front`` removes the oldest tokens and re-rotates the rest to their new positions.
+    ``drop_range`` removes tokens and re-rotates the later ones to their new positions.
+
+    With ``fp16`` the buffers are float16, the format sessions keep window states in SQL: a
+    reloaded window is then identical to the live one, the buffers take half the RAM, and a
+    decoding step streams half the bytes (the window's keys and values are read whole for every
+    token, 47 MB at 1024 tokens in float32: more than the int4 model's weights). Rotated keys are
+    the rotation, in float32, of the kept (rounded) key, rounded once. Without it the buffers
+    have the model's dtype (exact: the reference tests compare them with transformers).
     """
 
-    def __init__(self, model: LlamaForCausalLM, capacity: int, round_fp16: bool = False) -> None:
+    def __init__(self, model: LlamaForCausalLM, capacity: int, fp16: bool = False) -> None:
         cfg = model.config
-        # Sessions keep window states in SQL as float16; rounding them on entry makes a reloaded
-        # window identical to the live one.
-        self.round_fp16 = round_fp16
+        self.fp16 = fp16
         self.model = model
         self.n_layers = int(cfg.num_hidden_layers)
         self.n_kv = int(cfg.num_key_value_heads or cfg.num_attention_heads)
@@ -122,18 +129,24 @@ class WindowCache:
         self.capacity = capacity
         self.length = 0
         shape = (self.n_layers, self.n_kv, capacity, self.head_dim)
-        dtype = model.dtype
+        dtype = torch.float16 if fp16 else model.dtype
         self.keys = torch.zeros(shape, dtype=dtype)  # before RoPE
         self.keys_rot = torch.zeros(shape, dtype=dtype)  # at positions 0..length-1
         self.values = torch.zeros(shape, dtype=dtype)
         self._arrays: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """numpy views (no copy) of the float32 buffers keys, keys_rot, values (L, H, cap, D),
-        made once per set of buffers (a copied cache has its own)."""
+        """numpy views (no copy) of the buffers keys, keys_rot, values (L, H, cap, D) as the
+        compiled code takes them (`window_array`: float16 as uint16 bits), made once per set of
+        buffers (a copied cache has its own)."""
         ptr = self.keys.data_ptr()
         if self._arrays is None or self._arrays[0] != ptr:
-            self._arrays = (ptr, self.keys.numpy(), self.keys_rot.numpy(), self.values.numpy())
+            self._arrays = (
+                ptr,
+                window_array(self.keys),
+                window_array(self.keys_rot),
+                window_array(self.values),
+            )
         return self._arrays[1], self._arrays[2], self._arrays[3]
 
     def rotate(self, keys: torch.Tensor, start: int) -> torch.Tensor:
@@ -150,23 +163,25 @@ class WindowCache:
     def append(
         self, keys: torch.Tensor, values: torch.Tensor, keys_rot: torch.Tensor | None = None
     ) -> None:
-        """Add tokens (L, H, T, D) after the current ones; ``keys_rot`` if already rotated."""
+        """Add tokens (L, H, T, D) after the current ones; ``keys_rot`` if already rotated (a
+        float16 window rotates its rounded keys itself)."""
         t = keys.shape[2]
-        if self.round_fp16:
-            keys, values, keys_rot = (
-                keys.half().to(keys.dtype),
-                values.half().to(values.dtype),
-                None,
-            )
         if self.length + t > self.capacity:
             raise ValueError(f"window cache full: {self.length} + {t} > {self.capacity}")
         end = self.length + t
         self.keys[:, :, self.length : end] = keys
         self.values[:, :, self.length : end] = values
-        self.keys_rot[:, :, self.length : end] = (
-            keys_rot if keys_rot is not None else self.rotate(keys, self.length)
-        )
+        if self.fp16:
+            self._rotate_kept(self.length, end)
+        else:
+            self.keys_rot[:, :, self.length : end] = (
+                keys_rot if keys_rot is not None else self.rotate(keys, self.length)
+            )
         self.length = end
+
+    def _rotate_kept(self, start: int, end: int) -> None:
+        """keys_rot <- the rotation of the kept keys of rows start..end-1, in float32."""
+        self.keys_rot[:, :, start:end] = self.rotate(self.keys[:, :, start:end].float(), start)
 
     def commit_written(self, t: int) -> None:
         """Count the ``t`` tokens a forward pass wrote after the current ones (keys, rotated
@@ -174,15 +189,8 @@ class WindowCache:
         end = self.length + t
         if end > self.capacity:
             raise ValueError(f"window cache full: {self.length} + {t} > {self.capacity}")
-        if self.round_fp16:
-            for buf in (self.keys, self.values):
-                part = buf[:, :, self.length : end]
-                part.copy_(part.half())
-            self.rotate_into(
-                self.keys_rot[:, :, self.length : end],
-                self.keys[:, :, self.length : end],
-                self.length,
-            )
+        if self.fp16:  # a pass through torch rotated its keys before they were rounded
+            self._rotate_kept(self.length, end)
         self.length = end
 
     def drop_range(self, start: int, end: int) -> None:
@@ -194,8 +202,9 @@ class WindowCache:
         new_length = self.length - n
         # every later token moves n positions back: rotated again from its raw key
         if rest:
-            cos, sin = rope_tables(self.model, start, rest, self.keys.dtype)
-            if self.keys.dtype == torch.float32:  # one compiled pass over the rows
+            dtype = self.keys.dtype
+            cos, sin = rope_tables(self.model, start, rest, torch.float32 if self.fp16 else dtype)
+            if self.fp16 or dtype == torch.float32:  # one compiled pass over the rows
                 keys, keys_rot, values = self.arrays()
                 slide_window(
                     keys, keys_rot, values, start, end, self.length, cos.numpy(), sin.numpy()
@@ -298,9 +307,15 @@ def _attend(
     h = k.shape[0]
     s = past + t
     g = hq // h  # query heads per KV head
-    if t == 1 and q.dtype == torch.float32 and k.is_contiguous() and v.is_contiguous():
+    if (
+        t == 1
+        and q.dtype == torch.float32
+        and k.dtype in (torch.float32, torch.float16)
+        and k.is_contiguous()
+        and v.is_contiguous()
+    ):
         return _attend_step(q, k, v, scaling, past, memory, layer, top_k)
-    k, v = k[:, :s], v[:, :s]
+    k, v = k[:, :s].to(q.dtype), v[:, :s].to(q.dtype)  # a float16 window's buffers widened
     if memory is None and t > 1:
         # a fused kernel: no (Hq, T, S) score tensor (1.9x faster for 256 queries over 8k keys)
         allowed = torch.ones(t, s, dtype=torch.bool).tril(past)
@@ -366,8 +381,8 @@ def _attend_step(
     out = torch.empty(1, hq * d)
     ids, mass, read_s = attend_step(
         np.ascontiguousarray(q.reshape(hq, d).numpy()),
-        k.numpy(),
-        v.numpy(),
+        window_array(k),
+        window_array(v),
         scaling,
         past,
         memory,
@@ -389,13 +404,13 @@ def attend_step(
     top_k: int,
     out: np.ndarray,
 ) -> tuple[np.ndarray | None, np.ndarray | None, float]:
-    """One new token's attention, q (Hq, D) over the window's buffers k, v (H, >=S, D) (float32,
-    C-contiguous) and the memory: the memory search, then the local and memory logits, their
-    softmax and both weighted sums in one compiled call (`decode_attention`), written to ``out``
-    (1, Hq * D). Returns the memory ids and weights (H, g, k) (None without memory) and the
-    search's seconds. The dozen torch and numpy operations it replaces cost 3-8x its time per
-    layer (their per-call overhead, not arithmetic): 115 vs 14 us with a memory and a short
-    window, 260 vs 116 us at a 1020-token window."""
+    """One new token's attention, q (Hq, D) over the window's buffers k, v (H, >=S, D) (float32
+    or float16 bits, C-contiguous) and the memory: the memory search, then the local and memory
+    logits, their softmax and both weighted sums in one compiled call (`decode_attention`),
+    written to ``out`` (1, Hq * D). Returns the memory ids and weights (H, g, k) (None without
+    memory) and the search's seconds. The dozen torch and numpy operations it replaces cost 3-8x
+    its time per layer (their per-call overhead, not arithmetic): 115 vs 14 us with a memory and
+    a short window, 260 vs 116 us at a 1020-token window."""
     hq, d = q.shape
     h = k.shape[0]
     g = hq // h
@@ -420,8 +435,8 @@ def attend_step(
 @nb.njit(cache=True, fastmath=FASTMATH, nogil=True)
 def decode_attention(  # type: ignore[no-untyped-def]  # numba compiles it; arrays throughout
     q,  # float32 [Hq, D]: the new token's rotated queries
-    keys,  # float32 [H, >=S, D]: rotated window keys, the new token's at row `past`
-    values,  # float32 [H, >=S, D]
+    keys,  # float32 or float16 bits [H, >=S, D]: rotated window keys, the new token's at `past`
+    values,  # as keys [H, >=S, D]
     past,  # int: window tokens before the new one (S = past + 1)
     scaling,  # float: 1 / sqrt(D)
     mem_scores,  # float32 [H, g, k]: q . memory key of the hits (g = Hq / H query heads)
@@ -446,12 +461,24 @@ def decode_attention(  # type: ignore[no-untyped-def]  # numba compiles it; arra
             for d in range(D):
                 qs[g, d] = q[h * G + g, d]
         # window logits: each key row is loaded once for the group's query heads
-        for s in range(S):
-            for g in range(G):
-                dot = np.float32(0.0)
+        if G == 3:  # one pass per row (this model's groups): each element widened once
+            for s in range(S):
+                d0 = d1 = d2 = np.float32(0.0)
                 for d in range(D):
-                    dot += qs[g, d] * keys[h, s, d]
-                w[g, s] = dot * scaling
+                    x = loaded(keys[h, s, d])
+                    d0 += qs[0, d] * x
+                    d1 += qs[1, d] * x
+                    d2 += qs[2, d] * x
+                w[0, s] = d0 * scaling
+                w[1, s] = d1 * scaling
+                w[2, s] = d2 * scaling
+        else:
+            for s in range(S):
+                for g in range(G):
+                    dot = np.float32(0.0)
+                    for d in range(D):
+                        dot += qs[g, d] * loaded(keys[h, s, d])
+                    w[g, s] = dot * scaling
         for g in range(G):
             for j in range(K):
                 w[g, S + j] = mem_scores[h, g, j] * scaling + mem_log_strength[h, g, j]
@@ -468,11 +495,20 @@ def decode_attention(  # type: ignore[no-untyped-def]  # numba compiles it; arra
                 w[g, i] *= inv
             for d in range(D):
                 acc[g, d] = 0.0
-        for s in range(S):
-            for g in range(G):
-                ws = w[g, s]
+        if G == 3:
+            for s in range(S):
+                w0, w1, w2 = w[0, s], w[1, s], w[2, s]
                 for d in range(D):
-                    acc[g, d] += ws * values[h, s, d]
+                    x = loaded(values[h, s, d])
+                    acc[0, d] += w0 * x
+                    acc[1, d] += w1 * x
+                    acc[2, d] += w2 * x
+        else:
+            for s in range(S):
+                for g in range(G):
+                    ws = w[g, s]
+                    for d in range(D):
+                        acc[g, d] += ws * loaded(values[h, s, d])
         for g in range(G):
             for j in range(K):
                 wj = w[g, S + j]
@@ -485,14 +521,15 @@ def decode_attention(  # type: ignore[no-untyped-def]  # numba compiles it; arra
 
 
 def compile_attention() -> None:
-    """Compile `decode_attention` or load it from numba's disk cache (seconds otherwise, in the
-    first decoding step)."""
+    """Compile `decode_attention` for float32 and float16 windows or load it from numba's disk
+    cache (seconds otherwise, in the first decoding step)."""
     f = np.zeros
-    decode_attention(
-        f((1, 1), np.float32), f((1, 1, 1), np.float32), f((1, 1, 1), np.float32), 0,
-        np.float32(1.0), f((1, 1, 0), np.float32), f((1, 1, 0), np.float32),
-        f((1, 1, 0, 1), np.float32), f((1, 1), np.float32), f((1, 1, 0), np.float32),
-    )  # fmt: skip
+    for dtype in (np.float32, np.uint16):
+        decode_attention(
+            f((1, 1), np.float32), f((1, 1, 1), dtype), f((1, 1, 1), dtype), 0,
+            np.float32(1.0), f((1, 1, 0), np.float32), f((1, 1, 0), np.float32),
+            f((1, 1, 0, 1), np.float32), f((1, 1), np.float32), f((1, 1, 0), np.float32),
+        )  # fmt: skip
 
 
 def head_logprobs(model: LlamaForCausalLM, hidden: torch.Tensor, pick: bool) -> torch.Tensor:
@@ -616,8 +653,8 @@ def forward(
         else:
             keys.append(k)
             values.append(v)
-            k_all = torch.cat([window.keys_rot[layer_idx, :, :past], k_rot], dim=1)
-            v_all = torch.cat([window.values[layer_idx, :, :past], v], dim=1)
+            k_all = torch.cat([window.keys_rot[layer_idx, :, :past].to(k_rot.dtype), k_rot], dim=1)
+            v_all = torch.cat([window.values[layer_idx, :, :past].to(v.dtype), v], dim=1)
         attn_out, ids, w_mem, secs = _attend(
             q_rot, k_all, v_all, scaling, past, reader, layer_idx, cfg.top_k, cfg.collect_mass
         )

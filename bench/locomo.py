@@ -371,7 +371,7 @@ class DryRun:
         if session_id is not None:
             st = engine.state(session_id)
             n = st.cache.length
-            self.cache = WindowCache(engine.model, n + headroom, round_fp16=True)
+            self.cache = WindowCache(engine.model, n + headroom, fp16=True)
             for name in ("keys", "keys_rot", "values"):
                 getattr(self.cache, name)[:, :, :n] = getattr(st.cache, name)[:, :, :n]
             self.cache.length = n
@@ -399,7 +399,7 @@ class DryRun:
         from app.memory_llama import ReadConfig, WindowCache, forward
 
         fmt = engine.fmt
-        cache = WindowCache(engine.model, capacity, round_fp16=True)
+        cache = WindowCache(engine.model, capacity, fp16=True)
         read = ReadConfig()
         system = fmt.system_block(None).token_ids
         if len(system):

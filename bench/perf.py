@@ -78,7 +78,7 @@ def fill_memory(lm: Any, memory: Any, n_tokens: int, chunk: int = 256, seed: int
     while memory.token_count() < n_tokens:
         text = " ".join(rng.choice(corpus) for _ in range(40))
         ids = tok.encode(text, add_special_tokens=False)[:chunk]
-        window = WindowCache(lm.model, chunk, round_fp16=True)
+        window = WindowCache(lm.model, chunk, fp16=True)
         out = forward(lm.model, torch.tensor(ids), window, None, ReadConfig(knn_lambda=0.0))
         keys = window.keys[:, :, : len(ids)].float().numpy()
         values = window.values[:, :, : len(ids)].float().numpy()

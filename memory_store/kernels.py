@@ -92,6 +92,21 @@ def _half_to_float(typingctx, bits):  # type: ignore[no-untyped-def]  # numba ty
 _f16c_widen: Any = intrinsic(_half_to_float)
 
 
+def _float_to_half(typingctx, x):  # type: ignore[no-untyped-def]  # numba typing hook
+    """`_f16c_narrow(x)`: the bits (uint16) of float32 `x` rounded to float16, to nearest even,
+    by LLVM's fptrunc (one vcvtps2ph instruction where the CPU has F16C)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
+
+
+_f16c_narrow: Any = intrinsic(_float_to_half)
+
+
 def _targets_f16c() -> bool:
     """Whether numba compiles for this machine's CPU and it has F16C (no NUMBA_CPU_NAME or
     NUMBA_CPU_FEATURES chosen: code for another target must stay portable)."""
@@ -135,7 +150,14 @@ _f16_bits_to_f32: Any = _f16_bits_to_f32_f16c if HAS_F16C else _f16_bits_to_f32_
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
-def _f32_to_f16_bits(x):  # type: ignore[no-untyped-def]  # numba compiles it
+def _f32_to_f16_bits_f16c(x):  # type: ignore[no-untyped-def]  # numba compiles it
+    """`_f32_to_f16_bits_portable` in one instruction (F16C); the same bits but for NaN
+    payloads (both keep a NaN a NaN)."""
+    return _f16c_narrow(np.float32(x))
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _f32_to_f16_bits_portable(x):  # type: ignore[no-untyped-def]  # numba compiles it
     """Bits (uint16) of float32 `x` rounded to float16, to nearest even: numpy's
     npy_floatbits_to_halfbits (overflow to inf, subnormals, NaN kept a NaN)."""
     f = _as_u32(np.float32(x))
@@ -160,6 +182,14 @@ def _f32_to_f16_bits(x):  # type: ignore[no-untyped-def]  # numba compiles it
     if (f_sig & 0x3FFF) != 0x1000:  # round half to even
         f_sig += 0x1000
     return np.uint16(sign + (f_sig >> 13) + h_exp)
+
+
+# Narrowing is a float16 window's hot loop (its slide rotates every row again): portably a
+# branchy ~2 ns a value, with F16C vectorized.
+_f32_to_f16_bits: Any = _f32_to_f16_bits_f16c if HAS_F16C else _f32_to_f16_bits_portable
+# public names for other compiled code (app.fused: float16 window buffers)
+f16_bits_to_f32: Any = _f16_bits_to_f32
+f32_to_f16_bits: Any = _f32_to_f16_bits
 
 
 @nb.njit(cache=True, nogil=True, inline="always")

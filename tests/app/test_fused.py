@@ -4,6 +4,7 @@ replace, and a decoding step with them against one without."""
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import numba as nb
 import numpy as np
@@ -12,7 +13,14 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from app.config import Settings
-from app.fused import add_rms_norm, bf16_bits, exp_nonpositive, rope_store, silu_mul
+from app.fused import (
+    add_rms_norm,
+    bf16_bits,
+    exp_nonpositive,
+    rope_store,
+    silu_mul,
+    window_array,
+)
 from app.memory_llama import (
     FUSED_MAX_TOKENS,
     ReadConfig,
@@ -79,26 +87,33 @@ def test_silu_mul_equals_torch() -> None:
     assert (out != ref).float().mean().item() < 0.01
 
 
-def test_rope_store_equals_transformers_rope(lm: LoadedModel) -> None:
-    """Rotated queries and keys with transformers' bits; the key before and after RoPE and the
-    value land in the window's row ``past`` and nowhere else."""
+@pytest.mark.parametrize("fp16", [False, True], ids=["float32-window", "float16-window"])
+def test_rope_store_equals_transformers_rope(lm: LoadedModel, fp16: bool) -> None:
+    """Rotated queries and keys with transformers' bits (a float16 window's key rotated as it
+    is kept, then rounded); the key before and after RoPE and the value land in the window's
+    row ``past`` and nowhere else."""
     torch.manual_seed(2)
     hq, h, d, past = 9, 3, 64, 37
+    dtype = torch.float16 if fp16 else torch.float32
     qkv = torch.randn((hq + 2 * h) * d).bfloat16()
+    qkv[hq * d] = 1e-7  # a key element float16 keeps as a subnormal: rounded
     q, k, v = qkv.float().split((hq * d, h * d, h * d))
+    kept = k.to(dtype).float()
+    assert fp16 == (not torch.equal(kept, k))
     cos, sin = rope_tables(lm.model, past, 1, torch.float32)
     q_ref, k_ref = apply_rotary_pos_emb(
-        q.view(hq, 1, d), k.view(h, 1, d), cos, sin, unsqueeze_dim=0
+        q.view(hq, 1, d), kept.view(h, 1, d), cos, sin, unsqueeze_dim=0
     )
-    keys, keys_rot, values = (torch.zeros(h, 64, d) for _ in range(3))
+    keys, keys_rot, values = (torch.zeros(h, 64, d, dtype=dtype) for _ in range(3))
     q_rot = torch.empty(hq, d)
     rope_store(
-        bf16_bits(qkv), cos[0].numpy(), sin[0].numpy(), hq, keys.numpy(), keys_rot.numpy(),
-        values.numpy(), past, q_rot.numpy(),
+        bf16_bits(qkv), cos[0].numpy(), sin[0].numpy(), hq, window_array(keys),
+        window_array(keys_rot), window_array(values), past, q_rot.numpy(),
     )  # fmt: skip
     assert torch.equal(q_rot, q_ref[:, 0])
-    assert torch.equal(keys_rot[:, past], k_ref[:, 0])
-    assert torch.equal(keys[:, past], k.view(h, d)) and torch.equal(values[:, past], v.view(h, d))
+    assert torch.equal(keys_rot[:, past], k_ref[:, 0].to(dtype))
+    assert torch.equal(keys[:, past], k.view(h, d).to(dtype))
+    assert torch.equal(values[:, past], v.view(h, d).to(dtype))
     others = torch.ones(64, dtype=torch.bool)
     others[past] = False
     assert not keys[:, others].any() and not keys_rot[:, others].any()
@@ -150,7 +165,7 @@ def test_fused_steps_read_memory_as_the_unfused_ones(int4_lm: LoadedModel) -> No
     cfg = model.config
     text = "My locker code is 4417 and my sister lives in Lisbon."
     ids = torch.tensor(int4_lm.tokenizer.encode(text))
-    seen = WindowCache(model, 64, round_fp16=True)
+    seen = WindowCache(model, 64, fp16=True)
     out = forward(model, ids, seen, None, ReadConfig())
     memory = SessionMemory(cfg.num_hidden_layers, cfg.num_key_value_heads, 64, cfg.hidden_size)
     t = len(ids)
@@ -211,3 +226,27 @@ def test_fused_steps_read_memory_as_the_unfused_ones(int4_lm: LoadedModel) -> No
                 ga = np.bincount(np.searchsorted(keys, ia), weights=ma, minlength=len(keys))
                 gb = np.bincount(np.searchsorted(keys, ib), weights=mb, minlength=len(keys))
                 assert np.abs(ga - gb).max() < 0.02
+
+
+@pytest.mark.parametrize("weights", ["lm", "int4_lm"], ids=["fp32-torch-steps", "int4-compiled"])
+def test_a_float16_window_reloads_to_its_own_bits(weights: str, request: Any) -> None:
+    """A float16 window after a prefill, decoding steps (through torch with fp32 weights,
+    compiled with int4) and a slide holds the bits of a window rebuilt from its kept keys and
+    values (a session reloaded from SQL), at half the bytes of a float32 one."""
+    loaded: LoadedModel = request.getfixturevalue(weights)
+    model = loaded.model
+    ids = torch.tensor(loaded.tokenizer.encode("The lighthouse keeper climbed the stairs and"))
+    window = WindowCache(model, 64, fp16=True)
+    out = forward(model, ids, window, None, ReadConfig())
+    for _ in range(3):
+        out = forward(model, out.logits[-1].argmax().view(1), window, None, ReadConfig())
+    window.drop_range(2, 5)
+    n = window.length
+    assert n == len(ids) + 3 - 3
+    fresh = WindowCache(model, 64, fp16=True)
+    fresh.append(window.keys[:, :, :n].float(), window.values[:, :, :n].float())
+    for name in ("keys", "values", "keys_rot"):
+        a, b = getattr(window, name), getattr(fresh, name)
+        assert a.dtype == torch.float16
+        assert torch.equal(a[:, :, :n], b[:, :, :n]), name
+    assert window.keys.nbytes * 2 == WindowCache(model, 64).keys.nbytes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from memory_store.kernels import merge_rows, scaled_argmax
 
@@ -76,16 +77,20 @@ def test_scaled_argmax_matches_numpy() -> None:
     assert best[5] == 10
 
 
-def test_float16_rounding_matches_numpy_over_the_float32_range() -> None:
-    """Every exponent, random mantissas, and the exact halfway cases (ties to even)."""
+@pytest.mark.parametrize("name", ["_f32_to_f16_bits", "_f32_to_f16_bits_portable"])
+def test_float16_rounding_matches_numpy_over_the_float32_range(name: str) -> None:
+    """Every exponent, random mantissas, and the exact halfway cases (ties to even): the
+    narrowing the kernels use (F16C's where the CPU has it) and the portable one."""
     import numba
 
-    from memory_store.kernels import _f32_to_f16_bits
+    from memory_store import kernels
+
+    to_f16 = getattr(kernels, name)
 
     @numba.njit
     def narrow(x: np.ndarray, out: np.ndarray) -> None:
         for i in range(x.shape[0]):
-            out[i] = _f32_to_f16_bits(x[i])
+            out[i] = to_f16(x[i])
 
     rng = np.random.default_rng(5)
     bits = rng.integers(0, 1 << 32, size=400_000, dtype=np.uint64).astype(np.uint32)
@@ -109,6 +114,10 @@ def test_float16_rounding_matches_numpy_over_the_float32_range() -> None:
     with np.errstate(over="ignore"):
         want = x.astype(np.float16).view(np.uint16)
     np.testing.assert_array_equal(out, want)
+    nans = np.array([np.nan, -np.nan], np.float32)
+    out = np.empty(2, np.uint16)
+    narrow(nans, out)
+    assert np.isnan(out.view(np.float16)).all()
 
 
 def test_widen_f16_is_numpys_conversion_for_every_float16() -> None:

@@ -113,7 +113,7 @@ def decode_rate(lm: Any, memory: Any, n_tokens: int, read: Any) -> dict[str, flo
     from app.memory_llama import WindowCache, forward
 
     prompt = _prompt(lm)
-    window = WindowCache(lm.model, len(prompt) + n_tokens + 8)
+    window = WindowCache(lm.model, len(prompt) + n_tokens + 8, fp16=True)  # as sessions hold it
     out = forward(lm.model, torch.tensor(prompt), window, memory, read, pick=True)
     nxt = out.logits[-1].argmax().view(1)
     read_s = 0.0
@@ -139,7 +139,7 @@ def batched_rate(lm: Any, memories: list[Any], n_tokens: int, read: Any) -> dict
     from app.memory_llama import WindowCache, forward, forward_batch
 
     prompt = _prompt(lm)
-    windows = [WindowCache(lm.model, len(prompt) + n_tokens + 8) for _ in memories]
+    windows = [WindowCache(lm.model, len(prompt) + n_tokens + 8, fp16=True) for _ in memories]
     nxt = []
     for w, m in zip(windows, memories, strict=True):
         out = forward(lm.model, torch.tensor(prompt), w, m, read, pick=True)

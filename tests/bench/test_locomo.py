@@ -305,7 +305,9 @@ def test_full_context_is_what_a_memoryless_session_would_hold(lm, sqlite_url):
     assert direct.cache.length == n and direct.memory is None and copied.memory is None
     for name in ("keys", "keys_rot", "values"):
         a, b = getattr(direct.cache, name)[:, :, :n], getattr(copied.cache, name)[:, :, :n]
-        assert (a - b).abs().max() < 2e-2  # other pass sizes: rounding only (fp16 storage)
+        # other pass sizes: rounding only (fp16 storage, in which a pass also reads its own keys)
+        rel = ((a - b).float().norm() / b.float().norm()).item()
+        assert rel < 2e-3, (name, rel)  # measured 3-5e-4
 
 
 def test_sentence_end_rule():

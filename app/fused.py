@@ -132,9 +132,10 @@ def silu_mul(gate_up, out):  # type: ignore[no-untyped-def]  # numba compiles it
 def rope_store(qkv, cos, sin, n_q, keys, keys_rot, values, past, q_rot):  # type: ignore[no-untyped-def]  # numba compiles it
     """One token's projections ``qkv`` (bf16 bits [(Hq + 2H) * D]: queries, keys, values) with
     RoPE ``cos``/``sin`` [D] of its position: the key before and after RoPE and the value go to
-    row ``past`` of the window buffers ([H, capacity, D], float32 or float16 bits: `stored`;
-    a float16 window's key is rotated as it is kept, rounded), the rotated queries to ``q_rot``
-    (float32 [Hq, D]). RoPE as transformers: ``x * cos + rotate_half(x) * sin``."""
+    row ``past`` of the window buffers ([H, capacity, D], each float32 or float16 bits:
+    `stored`; the key is rotated as it is kept, so a float16 window's rotated key is its kept
+    key's), the rotated queries to ``q_rot`` (float32 [Hq, D]). RoPE as transformers:
+    ``x * cos + rotate_half(x) * sin``."""
     H, _, D = keys.shape
     half = D // 2
     x = np.empty(D, dtype=np.float32)
@@ -162,9 +163,9 @@ def rope_store(qkv, cos, sin, n_q, keys, keys_rot, values, past, q_rot):  # type
 # no fastmath, as `rope_store`: the re-rotated keys are the bits of a fresh rotation
 @nb.njit(cache=True, nogil=True)
 def slide_window(keys, keys_rot, values, start, end, length, cos, sin):  # type: ignore[no-untyped-def]  # numba compiles it
-    """Remove rows ``start..end-1`` of the window buffers ([L, H, capacity, D], float32 or
-    float16 bits): rows ``end..length-1`` move to ``start``, their keys rotated again from the
-    raw keys (in float32, rounded once in a float16 window) with ``cos``/``sin``
+    """Remove rows ``start..end-1`` of the window buffers ([L, H, capacity, D], each float32 or
+    float16 bits): rows ``end..length-1`` move to ``start``, their keys rotated again (in
+    float32) from the raw keys with ``cos``/``sin``
     [length - end, D] of the new positions. One pass per row, instead of a copy, a move and four
     RoPE operations over the whole window."""
     L, H, _, D = keys.shape
@@ -196,16 +197,16 @@ def compile_fused() -> None:
     add_rms_norm(np.zeros((1, 2), np.float32), bits, np.ones(2, np.float32), 1e-5, bits.copy())
     add_rms_norm(np.zeros((1, 2), np.float32), bits[:0], np.ones(2, np.float32), 1e-5, bits.copy())
     silu_mul(bits, np.zeros((1, 1), np.uint16))
-    for dtype in (np.float32, np.uint16):  # float32 and float16 windows
+    for dtype in (np.float32, np.uint16):  # float32 and float16 windows' keys and values
         buf = np.zeros((1, 1, 2), dtype)
         rope_store(
             np.zeros(6, np.uint16), np.ones(2, np.float32), np.zeros(2, np.float32), 1,
-            buf, buf.copy(), buf.copy(), 0, np.zeros((1, 2), np.float32),
+            buf, np.zeros((1, 1, 2), np.float32), buf.copy(), 0, np.zeros((1, 2), np.float32),
         )  # fmt: skip
         win = np.zeros((1, 1, 3, 2), dtype)
         slide_window(
             win,
-            win.copy(),
+            np.zeros((1, 1, 3, 2), np.float32),
             win.copy(),
             0,
             1,

@@ -109,12 +109,13 @@ class WindowCache:
     Tokens sit at positions ``0 .. length-1``; ``append`` writes new tokens after them and
     ``drop_range`` removes tokens and re-rotates the later ones to their new positions.
 
-    With ``fp16`` the buffers are float16, the format sessions keep window states in SQL: a
-    reloaded window is then identical to the live one, the buffers take half the RAM, and a
-    decoding step streams half the bytes (the window's keys and values are read whole for every
-    token, 47 MB at 1024 tokens in float32: more than the int4 model's weights). Rotated keys are
-    the rotation, in float32, of the kept (rounded) key, rounded once. Without it the buffers
-    have the model's dtype (exact: the reference tests compare them with transformers).
+    With ``fp16`` keys and values are float16, the format sessions keep window states in SQL:
+    a reloaded window is then identical to the live one, the buffers take a third less RAM, and
+    a decoding step streams a quarter fewer bytes (the rotated keys and values are read whole for
+    every token, 47 MB at 1024 tokens in float32: more than the int4 model's weights). Rotated
+    keys stay float32, the rotation of the kept key: rounded to float16 too, they cost 2 of the
+    60 cases of the hard recall benchmark. Without ``fp16`` every buffer has the model's dtype
+    (exact: the reference tests compare them with transformers).
     """
 
     def __init__(self, model: LlamaForCausalLM, capacity: int, fp16: bool = False) -> None:
@@ -131,7 +132,8 @@ class WindowCache:
         shape = (self.n_layers, self.n_kv, capacity, self.head_dim)
         dtype = torch.float16 if fp16 else model.dtype
         self.keys = torch.zeros(shape, dtype=dtype)  # before RoPE
-        self.keys_rot = torch.zeros(shape, dtype=dtype)  # at positions 0..length-1
+        # at positions 0..length-1
+        self.keys_rot = torch.zeros(shape, dtype=torch.float32 if fp16 else model.dtype)
         self.values = torch.zeros(shape, dtype=dtype)
         self._arrays: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
 
@@ -164,7 +166,7 @@ class WindowCache:
         self, keys: torch.Tensor, values: torch.Tensor, keys_rot: torch.Tensor | None = None
     ) -> None:
         """Add tokens (L, H, T, D) after the current ones; ``keys_rot`` if already rotated (a
-        float16 window rotates its rounded keys itself)."""
+        float16 window rotates its kept, rounded keys itself)."""
         t = keys.shape[2]
         if self.length + t > self.capacity:
             raise ValueError(f"window cache full: {self.length} + {t} > {self.capacity}")
@@ -180,7 +182,7 @@ class WindowCache:
         self.length = end
 
     def _rotate_kept(self, start: int, end: int) -> None:
-        """keys_rot <- the rotation of the kept keys of rows start..end-1, in float32."""
+        """keys_rot <- the rotation of the kept keys of rows start..end-1."""
         self.keys_rot[:, :, start:end] = self.rotate(self.keys[:, :, start:end].float(), start)
 
     def commit_written(self, t: int) -> None:
@@ -202,9 +204,8 @@ class WindowCache:
         new_length = self.length - n
         # every later token moves n positions back: rotated again from its raw key
         if rest:
-            dtype = self.keys.dtype
-            cos, sin = rope_tables(self.model, start, rest, torch.float32 if self.fp16 else dtype)
-            if self.fp16 or dtype == torch.float32:  # one compiled pass over the rows
+            cos, sin = rope_tables(self.model, start, rest, self.keys_rot.dtype)
+            if self.keys_rot.dtype == torch.float32:  # one compiled pass over the rows
                 keys, keys_rot, values = self.arrays()
                 slide_window(
                     keys, keys_rot, values, start, end, self.length, cos.numpy(), sin.numpy()
@@ -521,12 +522,13 @@ def decode_attention(  # type: ignore[no-untyped-def]  # numba compiles it; arra
 
 
 def compile_attention() -> None:
-    """Compile `decode_attention` for float32 and float16 windows or load it from numba's disk
-    cache (seconds otherwise, in the first decoding step)."""
+    """Compile `decode_attention` for float32 and float16 windows (float32 rotated keys, values
+    of either) or load it from numba's disk cache (seconds otherwise, in the first decoding
+    step)."""
     f = np.zeros
-    for dtype in (np.float32, np.uint16):
+    for dtype in (np.float32, np.uint16):  # the values of a float32 or a float16 window
         decode_attention(
-            f((1, 1), np.float32), f((1, 1, 1), dtype), f((1, 1, 1), dtype), 0,
+            f((1, 1), np.float32), f((1, 1, 1), np.float32), f((1, 1, 1), dtype), 0,
             np.float32(1.0), f((1, 1, 0), np.float32), f((1, 1, 0), np.float32),
             f((1, 1, 0, 1), np.float32), f((1, 1), np.float32), f((1, 1, 0), np.float32),
         )  # fmt: skip

@@ -66,7 +66,7 @@ def test_repositioned_window_equals_reencoding(lm: LoadedModel) -> None:
 @pytest.mark.parametrize("fp16", [False, True], ids=["float32-window", "float16-window"])
 def test_dropping_a_middle_range_moves_and_rerotates_exactly(lm: LoadedModel, fp16: bool) -> None:
     """The compiled slide (`fused.slide_window`) gives the bits of moving the later tokens by
-    torch and rotating them anew with the model's RoPE (in float32, then rounded once in a
+    torch and rotating them anew with the model's RoPE (in float32, from the float16 keys of a
     float16 window); rows before the range are untouched."""
     ids = _ids(lm)
     window = WindowCache(lm.model, 256, fp16=fp16)
@@ -80,8 +80,8 @@ def test_dropping_a_middle_range_moves_and_rerotates_exactly(lm: LoadedModel, fp
     cos, sin = rope_tables(lm.model, 3, n - 8, torch.float32)
     moved = torch.empty(keys[:, :, 8:].shape)
     rope_into(moved, want_keys[:, :, 3:].float(), cos, sin)
-    want_rot = torch.cat([rot[:, :, :3], moved.to(rot.dtype)], dim=2)
-    assert want_rot.dtype == (torch.float16 if fp16 else torch.float32)
+    want_rot = torch.cat([rot[:, :, :3], moved], dim=2)
+    assert window.keys.dtype == (torch.float16 if fp16 else torch.float32)
     assert torch.equal(window.keys[:, :, : n - 5], want_keys)
     assert torch.equal(window.values[:, :, : n - 5], want_values)
     assert torch.equal(window.keys_rot[:, :, : n - 5], want_rot)
@@ -320,20 +320,22 @@ def test_a_batched_step_equals_one_step_per_sequence(lm: LoadedModel, fp16: bool
         for tok, w, m, c in zip(last, alone, memories, cfgs, strict=True)
     ]
     batched = forward_batch(lm.model, last, together, memories, cfgs)
-    # float16: the step reads its own rotated key as kept, and the batched matmul's rounding of
-    # it may land one float16 step apart (measured: logits 3e-4 apart)
-    tol = 1e-3 if fp16 else 1e-4
+    # float16: the step's own value is read as kept, and the batched matmul's rounding of it may
+    # land one float16 step apart (measured: logits 2e-4 apart)
+    tol = 5e-4 if fp16 else 1e-4
     for a, b, wa, wb in zip(singles, batched, alone, together, strict=True):
         assert wa.length == wb.length
         torch.testing.assert_close(b.logits, a.logits, atol=tol, rtol=0)
         torch.testing.assert_close(b.hidden, a.hidden, atol=tol, rtol=1e-4)
         # the tokens before the step are untouched; the step's keys differ by the matmuls'
-        # rounding, in a float16 window by a float16 step (measured: 105 of 5760)
+        # rounding, in a float16 window by float16 steps (measured: 1-4% of 5760, with the
+        # matmuls' blocking)
         n = wa.length - 1
         assert torch.equal(wb.keys[:, :, :n], wa.keys[:, :, :n])
         diff = (wb.keys[:, :, n] - wa.keys[:, :, n]).float().abs()
         if fp16:
-            assert diff.max().item() <= 4e-3 and (diff > 0).float().mean().item() < 5e-2
+            rel = diff.norm() / wa.keys[:, :, n].float().norm()
+            assert diff.max().item() <= 4e-3 and rel.item() < 1e-3
         else:
             assert diff.max().item() <= 1e-4
     assert (
@@ -372,14 +374,14 @@ class _FixedHits:
 @pytest.mark.parametrize("hq,h", [(9, 3), (8, 2)], ids=["3-per-group", "4-per-group"])
 def test_decoding_step_kernel_equals_the_general_path(hq: int, h: int, fp16: bool) -> None:
     """One new token in float32 takes the compiled path (`decode_attention`, over the window's
-    whole buffers, float32 or float16; groups of 3 query heads have a loop of their own); the
-    general torch path (taken for a view of the window) gives the same output and memory
-    weights."""
+    whole buffers, values float32 or float16; groups of 3 query heads have a loop of their
+    own); the general torch path (taken for a view of the window) gives the same output and
+    memory weights."""
     torch.manual_seed(1)
     d, capacity, past = 64, 300, 211
     q = torch.randn(hq, 1, d)
     dtype = torch.float16 if fp16 else torch.float32
-    keys, values = torch.randn(h, capacity, d).to(dtype), torch.randn(h, capacity, d).to(dtype)
+    keys, values = torch.randn(h, capacity, d), torch.randn(h, capacity, d).to(dtype)
     keys[:, past + 1 :] = 1e4  # past the window: must not be read
     for memory in (None, _FixedHits(h, hq // h, 5, d)):
         fast, ids, w_fast, _ = attend(q, keys, values, d**-0.5, past, memory, 0, 5)

@@ -363,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
         help="sessions decoding together (forward_batch), each with the smallest memory size",
     )
     args = ap.parse_args(argv)
+    counts = ("tokens", "repeats", "threads", "window", "reply_tokens", "rounds")
+    if min(getattr(args, c) for c in counts) < 1:
+        ap.error(", ".join(f"--{c.replace('_', '-')}" for c in counts) + " must be at least 1")
 
     import torch
     from transformers import LlamaForCausalLM

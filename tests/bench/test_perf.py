@@ -36,3 +36,10 @@ def test_perf_prints_rates_ratios_and_scanned_bytes(capsys: pytest.CaptureFixtur
         assert at["end_of_turn_seconds"] > 0 and at["read_seconds"] >= 0
     assert turns["at"]["3"]["read_seconds"] > 0  # history past a 64-token window: a memory
     assert turns["memory_write_ms"]["n"] == 4
+
+
+def test_perf_refuses_counts_below_one(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        perf.main(["--rounds", "0"])
+    assert exc.value.code == 2
+    assert "--rounds must be at least 1" in capsys.readouterr().err

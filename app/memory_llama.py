@@ -334,8 +334,10 @@ def _attend(
     local = torch.matmul(qg.reshape(h, g * t, d), k.transpose(1, 2)).view(h, g, t, s)
     local.mul_(scaling)
     if t > 1:  # one new token sees the whole window: nothing to mask
-        causal = torch.ones(t, s, dtype=torch.bool).triu(past + 1)  # key after query: masked
-        local.masked_fill_(causal, float("-inf"))
+        # a key after its query is masked; only the new tokens' own block has such keys (a fill
+        # over the whole (T, S) scores was 5 ms of a turn's first pass)
+        causal = torch.ones(t, t, dtype=torch.bool).triu(1)
+        local[..., past:].masked_fill_(causal, float("-inf"))
 
     if memory is None:
         weights = torch.softmax(local, dim=-1, dtype=torch.float32).to(q.dtype)

@@ -27,7 +27,7 @@ from memory_store.kernels import (
 
 def bf16_bits(t: torch.Tensor) -> np.ndarray:
     """The uint16 bits of a contiguous bfloat16 tensor, as a numpy view (no copy)."""
-    return t.view(torch.int16).numpy().view(np.uint16)
+    return t.view(torch.uint16).numpy()
 
 
 def window_array(t: torch.Tensor) -> np.ndarray:

@@ -901,7 +901,8 @@ def _decode_layers(
         gate_up = bf16_bits(gate_up_mm(x))
         if act is None:
             act = torch.empty(n, gate_up.shape[1] // 2, dtype=torch.bfloat16)
-        silu_mul(gate_up, bf16_bits(act))
+            act_bits = bf16_bits(act)
+        silu_mul(gate_up, act_bits)
         delta = bf16_bits(down_mm(act))
     hs += torch.from_numpy(delta).view(torch.int16).view(torch.bfloat16).float()
     return hs, read_s, masses

@@ -185,13 +185,15 @@ class WindowCache:
         """keys_rot <- the rotation of the kept keys of rows start..end-1."""
         self.keys_rot[:, :, start:end] = self.rotate(self.keys[:, :, start:end].float(), start)
 
-    def commit_written(self, t: int) -> None:
+    def commit_written(self, t: int, kept_rotated: bool = False) -> None:
         """Count the ``t`` tokens a forward pass wrote after the current ones (keys, rotated
-        keys and values already in place) as part of the window."""
+        keys and values already in place) as part of the window. ``kept_rotated``: the rotated
+        keys are already those of the kept keys (`rope_store` writes them so); else a float16
+        window rotates its kept keys again (a pass through torch rotated them before rounding)."""
         end = self.length + t
         if end > self.capacity:
             raise ValueError(f"window cache full: {self.length} + {t} > {self.capacity}")
-        if self.fp16:  # a pass through torch rotated its keys before they were rounded
+        if self.fp16 and not kept_rotated:
             self._rotate_kept(self.length, end)
         self.length = end
 
@@ -681,7 +683,7 @@ def forward(
         keys_t = window.keys[:, :, past:end].clone()  # (L, H, T, D)
         values_t = window.values[:, :, past:end].clone()
         if commit:
-            window.commit_written(t)
+            window.commit_written(t, kept_rotated=fused)
         else:  # leave nothing past the window's tokens (forgetting promises no stray copies)
             for buf in (window.keys, window.values, window.keys_rot):
                 buf[:, :, past:end] = 0
@@ -785,7 +787,7 @@ def forward_batch(
             out.memory_mass = [_sum_mass(ids, wm) for ids, wm in masses[b]]
         results.append(out)
     for w in windows:  # only once every output exists: a failure leaves every window as it was
-        w.commit_written(1)
+        w.commit_written(1, kept_rotated=fused)
     return results
 
 

@@ -31,7 +31,18 @@ import numpy.typing as npt
 from .columns import ColumnTable, Schema
 from .errors import ShapeError
 from .index import VectorIndex
-from .kernels import first_roots, merge_rows, scaled_argmax, search_heads, sum_by_id, widen_f16
+from .kernels import (
+    BLOCK,
+    block_rows,
+    block_tail,
+    blocks_for,
+    first_roots,
+    merge_rows,
+    scaled_argmax,
+    search_heads,
+    sum_by_id,
+    widen_f16,
+)
 from .params import MemoryParams
 
 _TINY = np.float32(1e-12)  # norm guard for the cosine of an all-zero key
@@ -42,17 +53,12 @@ _MERGE_BLOCK = 256  # queries per block of the exact cosine scan (bounds its tem
 _SCORE_BLOCK = 1 << 22
 _GEMM_MNK = 1 << 18
 # Exact reads of at most this many queries per head (decoding steps: the query heads of a KV group;
-# the turn's header and short messages: up to 32 tokens here) run as one compiled call per layer
-# (`kernels.search_heads`); larger ones as BLAS matmuls. Measured at 1.4k entries per slot: the
-# kernel was as fast or faster up to 768 queries (9 queries: 7.8 vs 11.9 ms for 30 layers), but
-# its score buffer is queries x entries, so history imports (hundreds of queries) stay with BLAS.
+# a turn's first pass: its tokens x the group's query heads) run as one compiled call per layer
+# (`kernels.search_heads`, scoring the blocked keys); larger ones as BLAS matmuls. Measured at
+# 1.45k entries per slot, 30 layers: the kernel 2.3 vs 8.8 ms with 3 queries, 51 vs 57 ms with 96
+# (BLAS needs the keys widened first), and still faster at 600; but its score buffer is queries x
+# entries, so history imports (hundreds of queries) stay with BLAS.
 _KERNEL_MAX_QUERIES = 96
-# From this many queries per head (a turn's first pass: its tokens x the query heads of a group)
-# the kernel takes its scores from BLAS matmuls instead of its row-by-row loop, which reduces
-# each score horizontally: at 520 float16 keys per slot, 30 layers' search with 63 queries
-# 31-34 -> 22-27 ms, with 30 queries 17 -> 15 ms; with 16 queries the loop was faster.
-_BLAS_SCORES_MIN_QUERIES = 24
-_NO_SCORES = np.zeros((0, 0, 0), dtype=np.float32)
 _NO_KEYS = np.zeros((0, 0, 0, 0), dtype=np.float32)
 
 
@@ -173,15 +179,6 @@ def _gemm_rows(queries: int, dim: int) -> int:
     """Key rows per matmul with `queries` queries of `dim`: at most _GEMM_MNK multiply-adds,
     at least 256 rows."""
     return max(256, _GEMM_MNK // (queries * dim))
-
-
-def _blocked_scores(q: np.ndarray, keys: np.ndarray, out: np.ndarray) -> None:
-    """``out`` [Q, n] <- q [Q, D] @ keys [n, D].T, in matmuls of at most _GEMM_MNK multiply-adds
-    (at least 256 keys each): each one runs on the calling thread."""
-    chunk = _gemm_rows(q.shape[0], q.shape[1])
-    for r0 in range(0, len(keys), chunk):
-        r1 = min(len(keys), r0 + chunk)
-        out[:, r0:r1] = q @ keys[r0:r1].T
 
 
 def batch_roots(unit: np.ndarray, threshold: float) -> np.ndarray:
@@ -397,6 +394,47 @@ class KeySlot(EntryStore):
         super().__init__(schema, index)
         self.head_dim = head_dim
         self.params = params
+        # the key column again, in blocks of BLOCK rows stored dimension-major, for the read's scan
+        # (`kernels.search_heads`); kept in step with every change of the column; rows past the
+        # live ones are zero up to `_blocked_hi` and beyond (never written)
+        self._blocked = np.zeros((0, head_dim, BLOCK), dtype=np.uint16)
+        self._blocked_hi = 0
+
+    def blocked_keys(self) -> np.ndarray:
+        """The key column's float16 bits in blocks: uint16 [ceil(n / BLOCK), D, BLOCK], row r at
+        [r // BLOCK, :, r % BLOCK], the last block's rows past n zero (a view, kept in step)."""
+        return self._blocked[: blocks_for(len(self))]
+
+    def _reblock(self, start: int) -> None:
+        """Bring the blocked copy in step after the key rows from `start` on changed (an append
+        or a compaction); zero the rows past the live ones that held keys."""
+        n, need = len(self), blocks_for(len(self))
+        cap = len(self._blocked)
+        if need > cap or cap > 4 * max(need, 4):  # grow 1.25x, or give memory back
+            new = np.zeros((max(need, need + need // 4 + 4), self.head_dim, BLOCK), np.uint16)
+            whole = min(start // BLOCK, need)  # blocks that hold no changed row
+            new[:whole] = self._blocked[:whole]
+            self._blocked, self._blocked_hi, start = new, whole * BLOCK, whole * BLOCK
+        block_tail(self.col("key").view(np.uint16), start, self._blocked_hi, self._blocked)
+        self._blocked_hi = n
+
+    def load_rows(self, rows: dict[str, np.ndarray]) -> None:
+        """`EntryStore.load_rows`, and the loaded keys blocked."""
+        n0 = len(self)
+        super().load_rows(rows)
+        self._reblock(n0)
+
+    def remove(self, mask: np.ndarray) -> int:
+        """`EntryStore.remove`; the blocked keys compacted as the column (no copy stays)."""
+        first = int(np.argmax(mask)) if len(mask) else 0
+        m = super().remove(mask)
+        if m:
+            self._reblock(first)
+        return m
+
+    def nbytes(self) -> int:
+        """RAM of the columns, the blocked keys and the index."""
+        return super().nbytes() + self._blocked.nbytes
 
     def keys_f32(self) -> np.ndarray:
         """The key column widened to float32 [n, D] (a new array, for BLAS and FAISS)."""
@@ -505,6 +543,10 @@ class KeySlot(EntryStore):
         merging = np.flatnonzero(~new)
         rows = np.where(target[merging] >= 0, target[merging], row_of[np.maximum(root[merging], 0)])
         self._merge(rows, keys[merging], values[merging], turn)
+        self._reblock(n0)
+        old_rows = rows[rows < n0]
+        if len(old_rows):  # merged in place (repeats are harmless: the same final key)
+            block_rows(self.col("key").view(np.uint16), old_rows, self._blocked)
         self.index.append(self.col("key")[n0:])
         if self.index.built:  # an approximate index holds its own copy of the merged keys
             old = np.unique(rows[rows < n0])
@@ -763,6 +805,7 @@ class SessionMemory:
                 versions,
                 (
                     tuple(c("key").view(np.uint16) for c in cols),
+                    tuple(s.blocked_keys() for s in slots),
                     tuple(c("id") for c in cols),
                     tuple(c("s0") for c in cols),
                     tuple(c("refreshed") for c in cols),
@@ -770,22 +813,15 @@ class SessionMemory:
                 ),
             )
             self._kernel_columns[layer] = cached
-        key_cols, id_cols, s0_cols, refreshed_cols, value_cols = cached[1]
-        scored = _NO_SCORES
-        if Q >= _BLAS_SCORES_MIN_QUERIES:
-            scored = np.empty((H, Q, max(len(c) for c in key_cols)), dtype=np.float32)
-            for h, slot in enumerate(slots):
-                n = len(slot)
-                if n:  # under _GEMM_MNK per block: on this thread (see above)
-                    _blocked_scores(q[h], slot.keys_f32(), scored[h, :, :n])
+        key_cols, blocked_cols, id_cols, s0_cols, refreshed_cols, value_cols = cached[1]
         search_heads(
             key_cols,
+            blocked_cols,
             id_cols,
             s0_cols,
             refreshed_cols,
             value_cols,
             q,
-            scored,
             self.turn,
             math.log(self.params.decay),
             ids,

@@ -201,23 +201,24 @@ def test_kernel_and_blas_reads_agree_and_ties_go_to_the_older_entry(
         np.testing.assert_array_equal(r.ids[0, g], tied.slots[0][0].col("id")[order])
 
 
-@pytest.mark.parametrize("queries", [1, store_mod._BLAS_SCORES_MIN_QUERIES, 63])
-def test_kernel_with_blas_scores_equals_its_own_scan(rng, monkeypatch, queries: int) -> None:
-    """A turn's first pass (many queries per head) scores with BLAS, then selects and gathers in
-    the kernel: the same entries as the kernel's row-by-row scan, slots of unequal sizes."""
+@pytest.mark.parametrize("queries", [1, 24, 63])
+def test_kernel_equals_the_blas_read_on_slots_of_unequal_sizes(
+    rng, monkeypatch, queries: int
+) -> None:
+    """A turn's first pass (many queries per head) through the kernel's blocked scan: the same
+    entries as the BLAS read, slots of unequal sizes, misses past the small slot's entries."""
     mem = SessionMemory(L, H, D, DM)  # merging on: head 2 holds far fewer entries (`_fill`)
     _fill(mem, rng, 3, 120)
     sizes = [len(s) for s in mem.slots[0]]
-    assert min(sizes) < 16 < max(sizes)  # misses past the small slot's entries too
+    assert min(sizes) < 16 < max(sizes)
     q = rng.standard_normal((H, queries, D)).astype(np.float32)
-    monkeypatch.setattr(store_mod, "_BLAS_SCORES_MIN_QUERIES", 1)
+    kernel = mem.search(0, q, 16)
+    monkeypatch.setattr(store_mod, "_KERNEL_MAX_QUERIES", 0)
     blas = mem.search(0, q, 16)
-    monkeypatch.setattr(store_mod, "_BLAS_SCORES_MIN_QUERIES", 10**9)
-    scan = mem.search(0, q, 16)
     for name in ("ids", "values", "keys"):
-        np.testing.assert_array_equal(getattr(blas, name), getattr(scan, name), name)
-    np.testing.assert_allclose(blas.scores, scan.scores, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(blas.log_strength, scan.log_strength)
+        np.testing.assert_array_equal(getattr(kernel, name), getattr(blas, name), name)
+    np.testing.assert_allclose(kernel.scores, blas.scores, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(kernel.log_strength, blas.log_strength, rtol=1e-6)
 
 
 @pytest.mark.parametrize("widen", ["_f16_bits_to_f32", "_f16_bits_to_f32_portable"])
@@ -246,3 +247,115 @@ def test_kernel_float16_conversion_is_exact_for_every_bit_pattern(widen: str) ->
     np.testing.assert_array_equal(out.view(np.uint32)[~nan], want.view(np.uint32)[~nan])
     np.testing.assert_array_equal(back[~nan], bits[~nan])
     assert np.isnan(out[nan]).all()
+
+
+def _check_blocked(mem: SessionMemory) -> None:
+    """Every slot's blocked keys are its key column's bits, block by block, and the rows past
+    its entries (the last block's padding and the spare blocks) are zero."""
+    from memory_store.kernels import BLOCK, blocks_for
+
+    for layer in mem.slots:
+        for slot in layer:
+            n, bits = len(slot), slot.col("key").view(np.uint16)
+            padded = np.zeros((blocks_for(n) * BLOCK, D), np.uint16)
+            padded[:n] = bits
+            want = padded.reshape(-1, BLOCK, D).transpose(0, 2, 1)
+            np.testing.assert_array_equal(slot.blocked_keys(), want)
+            assert not slot._blocked[blocks_for(n) :].any()
+
+
+def test_blocked_keys_follow_writes_merges_evictions_forgets_and_loads(rng) -> None:
+    params = MemoryParams(merge_threshold=0.9, decay=0.9, floor=0.5)
+    mem = SessionMemory(L, H, D, DM, params)
+    _check_blocked(mem)
+    _fill(mem, rng, 3, 40)  # appends and merges within and across writes
+    _check_blocked(mem)
+    mem.set_turn(3)
+    again = np.stack([mem.slots[layer][1].col("key")[:10] for layer in range(L)])[:, None]
+    keys = np.repeat(again, H, axis=1) + 0.001  # merges into old entries, in place
+    mem.write(keys, keys, np.arange(10), np.full(10, 9), np.arange(10))
+    _check_blocked(mem)
+    mem.set_turn(8)
+    assert mem.evict() > 0  # compaction from the first evicted row
+    _check_blocked(mem)
+    ids = mem.slots[0][0].col("message_id")
+    assert mem.forget_message(int(ids[len(ids) // 2])) > 0
+    _check_blocked(mem)
+    slot = mem.slots[1][1]
+    before = slot._blocked.copy()
+    assert slot.forget_all() > 0 and not slot._blocked.any()  # nothing forgotten stays
+    assert before.any()
+    slot.load_rows({name: mem.slots[1][0].col(name).copy() for name in slot.table.schema})
+    _check_blocked(mem)
+    _fill(mem, rng, 2, 300)  # growth past the buffer's capacity
+    _check_blocked(mem)
+
+
+@pytest.mark.parametrize("n", [1, 16, 50])
+@pytest.mark.parametrize("queries", [1, 2, 3, 4, 7])
+def test_block_scores_match_float64_on_both_paths(rng, queries: int, n: int) -> None:
+    """The blocked scan's scores and block maxima (F16C vector code where the CPU has it) and the
+    portable loop's, against float64 products of the same float16 keys, head size 64 as the
+    model's; scores all negative, so the last block's zero padding must not count as its max."""
+    import numba
+
+    from memory_store import kernels
+
+    dim, blocks = 64, kernels.blocks_for(n)
+    # positive queries, negative keys: every score below zero
+    q = (np.abs(rng.standard_normal((queries, dim))) + 0.5).astype(np.float32)
+    keys = (-np.abs(rng.standard_normal((n, dim))) * 3 - 1).astype(np.float16)
+    padded = np.zeros((blocks * kernels.BLOCK, dim), np.float16)
+    padded[:n] = keys
+    blocked = np.ascontiguousarray(
+        padded.view(np.uint16).reshape(-1, kernels.BLOCK, dim).transpose(0, 2, 1)
+    )
+    want = q.astype(np.float64) @ keys.astype(np.float64).T
+    assert (want < 0).all()
+
+    @numba.njit
+    def portable(blocked: np.ndarray, n: int, q: np.ndarray, dots: np.ndarray, maxima) -> None:
+        for b in range(blocked.shape[0]):
+            kernels._score_block_portable(blocked, b, q, 0, q.shape[0], dots, maxima)
+        for g in range(q.shape[0]):  # the last block's maximum over its keys only, as the kernel
+            maxima[g, -1] = dots[g, (blocked.shape[0] - 1) * kernels.BLOCK : n].max()
+
+    for score in (kernels._score_blocks, portable):
+        dots = np.full((queries, len(padded)), np.nan, np.float32)
+        maxima = np.full((queries, blocks), np.nan, np.float32)
+        score(blocked, n, q, dots, maxima)
+        np.testing.assert_allclose(dots[:, :n], want, rtol=1e-5, atol=1e-4)
+        assert (dots[:, n:] == 0).all()  # zero padding scores zero
+        for b in range(blocks):
+            rows = slice(b * kernels.BLOCK, min(n, (b + 1) * kernels.BLOCK))
+            np.testing.assert_array_equal(maxima[:, b], dots[:, rows].max(axis=1))
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 255, 256, 257, 1000])
+@pytest.mark.parametrize("k", [1, 4, 16])
+def test_block_skipping_top_k_equals_the_full_scan(rng, n: int, k: int) -> None:
+    """`_top_rows_blocked` returns `_top_rows`' rows in its order: random scores, scores with
+    many ties (small integers: ties go to the lower row), and the best rows crowded in one block."""
+    from memory_store import kernels
+
+    crowded = np.arange(n) // kernels.BLOCK == (n // kernels.BLOCK) // 2
+    cases = [
+        rng.standard_normal(n).astype(np.float32),
+        rng.integers(-2, 3, n).astype(np.float32),
+        (np.where(crowded, 5.0, -1.0) + rng.standard_normal(n) * 0.01).astype(np.float32),
+    ]
+    for scores in cases:
+        blocks = kernels.blocks_for(n)
+        padded = np.concatenate([scores, np.full(blocks * kernels.BLOCK - n, 99, np.float32)])
+        maxima = np.array(
+            [scores[b * kernels.BLOCK : (b + 1) * kernels.BLOCK].max() for b in range(blocks)],
+            np.float32,
+        )
+        want_rows, want_best = np.empty(k, np.int64), np.empty(k, np.float32)
+        kernels._top_rows(scores, n, k, want_rows, want_best)
+        rows, best = np.empty(k, np.int64), np.empty(k, np.float32)
+        kernels._top_rows_blocked(padded, maxima, n, k, rows, best)
+        np.testing.assert_array_equal(rows, want_rows)
+        np.testing.assert_array_equal(best, want_best)
+        top = np.argsort(-scores, kind="stable")[:k]  # and both are the stable sort's
+        np.testing.assert_array_equal(rows[: len(top)], top)

@@ -420,8 +420,8 @@ def _top_rows_blocked(scores, maxima, n, k, rows, best):  # type: ignore[no-unty
 
 @nb.njit(cache=True, fastmath=FASTMATH, nogil=True)
 def search_heads(  # type: ignore[no-untyped-def]  # numba compiles it; arrays throughout
-    keys,  # tuple of H uint16 [n_h, D]: each head's key column, float16 bits
-    blocked,  # tuple of H uint16 [blocks_h, D, BLOCK]: the same keys blocked (`block_tail`)
+    blocked,  # tuple of H uint16 [ceil(n_h / BLOCK), D, BLOCK]: each head's keys, float16
+    # bits, blocked (`block_tail`; row r at [r // BLOCK, :, r % BLOCK])
     ids,  # tuple of H int64 [n_h]
     s0,  # tuple of H float32 [n_h]
     refreshed,  # tuple of H int32 [n_h]
@@ -437,8 +437,7 @@ def search_heads(  # type: ignore[no-untyped-def]  # numba compiles it; arrays t
 ):
     """Exact top-k by inner product of each head's keys for its queries, and the hits' ids,
     scores, log strengths, values and keys, by score descending. Places past a
-    head's entries get id -1, score 0, log strength -inf and zero vectors. The scores come from
-    the blocked keys; the row-major ones give the hits' keys."""
+    head's entries get id -1, score 0, log strength -inf and zero vectors."""
     H, Q, D = q.shape
     k = out_ids.shape[2]
     want_keys = out_keys.shape[0] > 0
@@ -451,11 +450,11 @@ def search_heads(  # type: ignore[no-untyped-def]  # numba compiles it; arrays t
     maxima = np.empty((Q, blocks), dtype=np.float32)
     for h in range(H):
         # a tuple indexed by a runtime value is a switch: once per head, not per hit
-        kh, idh, s0h, refh, vh = keys[h], ids[h], s0[h], refreshed[h], values[h]
-        n = kh.shape[0]
+        kb, idh, s0h, refh, vh = blocked[h], ids[h], s0[h], refreshed[h], values[h]
+        n = idh.shape[0]
         # the scores first, over whole blocks (the last one's padding is never selected), then
         # the selection
-        _score_blocks(blocked[h], n, q[h], dots, maxima)
+        _score_blocks(kb, n, q[h], dots, maxima)
         for g in range(Q):
             _top_rows_blocked(dots[g], maxima[g], n, k, rows, best)
             for j in range(k):
@@ -481,8 +480,9 @@ def search_heads(  # type: ignore[no-untyped-def]  # numba compiles it; arrays t
                 for d in range(D):
                     out_values[h, g, j, d] = _f16_bits_to_f32(vh[r, d])
                 if want_keys:
+                    b, i = r // BLOCK, r % BLOCK
                     for d in range(D):
-                        out_keys[h, g, j, d] = _f16_bits_to_f32(kh[r, d])
+                        out_keys[h, g, j, d] = _f16_bits_to_f32(kb[b, d, i])
 
 
 @nb.njit(cache=True, nogil=True)
@@ -572,7 +572,6 @@ def compile_kernels(n_heads: int) -> None:
     """Compile the kernels (`search_heads` for memories of `n_heads` KV heads, the write's) or
     load them from numba's disk cache: otherwise a session's first read or write waits (seconds)."""
     empty = (
-        tuple(np.zeros((0, 1), np.uint16) for _ in range(n_heads)),
         tuple(np.zeros((0, 1, BLOCK), np.uint16) for _ in range(n_heads)),
         tuple(np.zeros(0, np.int64) for _ in range(n_heads)),
         tuple(np.zeros(0, np.float32) for _ in range(n_heads)),

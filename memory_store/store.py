@@ -708,9 +708,11 @@ class SessionMemory:
         ]
         self.knn = KnnStore(hidden_dim, self.params)
         self.storage = StorageState()
-        # layer -> (versions of its slots' tables, their column views): see `_search_kernel`
+        # layer -> (versions of its slots' tables, their column views or None): see
+        # `_kernel_columns_of`
+        self._tables = [[s.table for s in layer] for layer in self.slots]
         self._kernel_columns: dict[
-            int, tuple[tuple[int, ...], tuple[tuple[np.ndarray, ...], ...]]
+            int, tuple[list[int], tuple[tuple[np.ndarray, ...], ...] | None]
         ] = {}
 
     @property
@@ -752,13 +754,26 @@ class SessionMemory:
         (then ``keys`` is None; the attention read does not use them).
         """
         k = self.params.top_k if k is None else int(k)
-        q = _check("queries", queries, (self.n_kv_heads, None, self.head_dim), "f")
-        q = np.ascontiguousarray(q, dtype=np.float32)
+        q = queries
+        # a decoding step's queries pass as they are: this method runs 30 times a token, each
+        # time with cold caches (the weights streamed in between), where every statement counts
+        if not (
+            type(q) is np.ndarray
+            and q.dtype == np.float32
+            and q.ndim == 3
+            and q.shape[0] == self.n_kv_heads
+            and q.shape[2] == self.head_dim
+            and q.flags.c_contiguous
+        ):
+            q = _check("queries", queries, (self.n_kv_heads, None, self.head_dim), "f")
+            q = np.ascontiguousarray(q, dtype=np.float32)
         H, Q, D = q.shape
         self.slot(layer, 0)  # IndexError outside the model
+        if 0 < k and 0 < Q <= _KERNEL_MAX_QUERIES:
+            cols = self._kernel_columns_of(layer)
+            if cols is not None:
+                return self._search_kernel(cols, q, k, with_keys)
         slots = self.slots[layer]
-        if 0 < k and 0 < Q <= _KERNEL_MAX_QUERIES and all(s.index.kind == "flat" for s in slots):
-            return self._search_kernel(layer, q, k, with_keys)
         exact = [h for h, s in enumerate(slots) if len(s) and s.index.kind == "flat"]
         found = self._search_exact(slots, exact, q, k, with_keys) if k and Q and exact else None
         if found is not None and len(exact) == H and found.ids.shape[2] == k:
@@ -785,38 +800,43 @@ class SessionMemory:
                 out.keys[exact, :, :kk] = found.keys
         return out
 
-    def _search_kernel(self, layer: int, q: np.ndarray, k: int, with_keys: bool) -> SearchResult:
-        """Exact top-k of every slot of `layer` (all flat) for a few queries `q` [H, Q, D], in one
-        compiled call (`kernels.search_heads`); places past a slot's entries are misses."""
+    def _kernel_columns_of(self, layer: int) -> tuple[tuple[np.ndarray, ...], ...] | None:
+        """The column views `search_heads` reads for the slots of `layer` (blocked keys, ids, s0,
+        refreshed, values), or None while one of them is approximate (above exact_max); kept
+        while no slot of the layer changed (building them is a tenth of a small memory's read)."""
+        tables = self._tables[layer]
+        cached = self._kernel_columns.get(layer)
+        versions = [t.version for t in tables]  # a slot's size, hence its kind, changes them
+        if cached is not None and cached[0] == versions:
+            return cached[1]
         slots = self.slots[layer]
+        cols: tuple[tuple[np.ndarray, ...], ...] | None = None
+        if all(s.index.kind == "flat" for s in slots):
+            cols = (
+                tuple(s.blocked_keys() for s in slots),
+                tuple(s.col("id") for s in slots),
+                tuple(s.col("s0") for s in slots),
+                tuple(s.col("refreshed") for s in slots),
+                tuple(s.col("value").view(np.uint16) for s in slots),
+            )
+        self._kernel_columns[layer] = (versions, cols)
+        return cols
+
+    def _search_kernel(
+        self, cols: tuple[tuple[np.ndarray, ...], ...], q: np.ndarray, k: int, with_keys: bool
+    ) -> SearchResult:
+        """Exact top-k of every slot of a layer (all flat; `cols` from `_kernel_columns_of`) for a
+        few queries `q` [H, Q, D], in one compiled call (`kernels.search_heads`); places past a
+        slot's entries are misses."""
         H, Q, D = q.shape
         ids = np.empty((H, Q, k), dtype=np.int64)
         scores = np.empty((H, Q, k), dtype=np.float32)
         log_s = np.empty((H, Q, k), dtype=np.float32)
         values = np.empty((H, Q, k, D), dtype=np.float32)
         keys = np.empty((H, Q, k, D), dtype=np.float32) if with_keys else _NO_KEYS
-        # the slots' column views, kept while no slot of the layer changed (a decoding step reads
-        # each layer once per token; building them is a tenth of the read of a small memory)
-        versions = tuple(s.table.version for s in slots)
-        cached = self._kernel_columns.get(layer)
-        if cached is None or cached[0] != versions:
-            cols = [s.table.col for s in slots]
-            cached = (
-                versions,
-                (
-                    tuple(c("key").view(np.uint16) for c in cols),
-                    tuple(s.blocked_keys() for s in slots),
-                    tuple(c("id") for c in cols),
-                    tuple(c("s0") for c in cols),
-                    tuple(c("refreshed") for c in cols),
-                    tuple(c("value").view(np.uint16) for c in cols),
-                ),
-            )
-            self._kernel_columns[layer] = cached
-        key_cols, blocked_cols, id_cols, s0_cols, refreshed_cols, value_cols = cached[1]
+        blocked, id_cols, s0_cols, refreshed_cols, value_cols = cols
         search_heads(
-            key_cols,
-            blocked_cols,
+            blocked,
             id_cols,
             s0_cols,
             refreshed_cols,

@@ -414,6 +414,7 @@ class KeySlot(EntryStore):
             new = np.zeros((max(need, need + need // 4 + 4), self.head_dim, BLOCK), np.uint16)
             whole = min(start // BLOCK, need)  # blocks that hold no changed row
             new[:whole] = self._blocked[:whole]
+            self._blocked[:] = 0  # what was removed leaves no copy in freed memory either
             self._blocked, self._blocked_hi, start = new, whole * BLOCK, whole * BLOCK
         block_tail(self.col("key").view(np.uint16), start, self._blocked_hi, self._blocked)
         self._blocked_hi = n

@@ -213,6 +213,9 @@ def _block_scorer(nq: int):  # type: ignore[no-untyped-def]  # returns a numba i
     vector half -> float conversion)."""
 
     def typer(typingctx, blocked, b, q, g0, dots, maxima):  # type: ignore[no-untyped-def]
+        if any(a.layout != "C" for a in (blocked, q, dots, maxima)):
+            return None  # the code below steps through memory as C order: no typing otherwise
+
         def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
             i64, f32 = ir.IntType(64), ir.FloatType()
             vf = ir.VectorType(f32, BLOCK)

@@ -183,7 +183,7 @@ class WindowCache:
 
     def _rotate_kept(self, start: int, end: int) -> None:
         """keys_rot <- the rotation of the kept keys of rows start..end-1."""
-        self.keys_rot[:, :, start:end] = self.rotate(self.keys[:, :, start:end].float(), start)
+        self.rotate_into(self.keys_rot[:, :, start:end], self.keys[:, :, start:end].float(), start)
 
     def commit_written(self, t: int, kept_rotated: bool = False) -> None:
         """Count the ``t`` tokens a forward pass wrote after the current ones (keys, rotated

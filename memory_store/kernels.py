@@ -488,6 +488,58 @@ def search_heads(  # type: ignore[no-untyped-def]  # numba compiles it; arrays t
                         out_keys[h, g, j, d] = _f16_bits_to_f32(kb[b, d, i])
 
 
+@nb.njit(cache=True, fastmath=FASTMATH, nogil=True)
+def nearest_l2(  # type: ignore[no-untyped-def]  # numba compiles it; arrays throughout
+    blocked,  # uint16 [ceil(n / BLOCK), D, BLOCK]: the rows' float16 bits, blocked
+    norms2,  # float32 [n]: the rows' squared norms
+    q,  # float32 [Q, D], C-contiguous
+    out_rows,  # int64 [Q, k]
+    out_dist,  # float32 [Q, k]
+):
+    """Exact k nearest rows by squared L2 distance for each query, nearest first (ties by row),
+    from one blocked scan: |q - x|^2 = |q|^2 + |x|^2 - 2 q.x, the top-k taken on
+    q.x - |x|^2 / 2 (`_top_rows_blocked`). Places past the n rows get row -1 and distance +inf.
+    Distances are clamped at 0 (the expansion can round a near-duplicate's below it)."""
+    Q, D = q.shape
+    n = norms2.shape[0]
+    k = out_rows.shape[1]
+    blocks = (n + BLOCK - 1) // BLOCK
+    dots = np.empty((Q, blocks * BLOCK), dtype=np.float32)
+    maxima = np.empty((Q, blocks), dtype=np.float32)
+    best = np.empty(k, dtype=np.float32)
+    rows = np.empty(k, dtype=np.int64)
+    _score_blocks(blocked, n, q, dots, maxima)
+    for g in range(Q):
+        s = dots[g]
+        for b in range(blocks):
+            m = -np.inf
+            for r in range(b * BLOCK, min(n, (b + 1) * BLOCK)):
+                v = s[r] - np.float32(0.5) * norms2[r]
+                s[r] = v
+                m = max(m, v)
+            maxima[g, b] = m
+        _top_rows_blocked(s, maxima[g], n, k, rows, best)
+        qn = np.float32(0.0)
+        for d in range(D):
+            qn += q[g, d] * q[g, d]
+        for j in range(k):
+            out_rows[g, j] = rows[j]
+            out_dist[g, j] = max(np.float32(0.0), qn - 2 * best[j]) if rows[j] >= 0 else np.inf
+
+
+@nb.njit(cache=True, fastmath=FASTMATH, nogil=True)
+def squared_norms(bits, start, out):  # type: ignore[no-untyped-def]  # numba compiles it
+    """out[r] <- the squared norm (float32) of float16 row bits[r] (uint16 [n, D]) for
+    r >= start."""
+    n, D = bits.shape
+    for r in range(start, n):
+        acc = np.float32(0.0)
+        for d in range(D):
+            x = _f16_bits_to_f32(bits[r, d])
+            acc += x * x
+        out[r] = acc
+
+
 @nb.njit(cache=True, nogil=True)
 def widen_f16(bits, out):  # type: ignore[no-untyped-def]  # numba compiles it
     """out [n, D] float32 <- the float16 values of `bits` [n, D] (uint16), exactly. numpy's own

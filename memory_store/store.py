@@ -2,9 +2,11 @@
 
 One *slot* per (layer, KV head) holds entries (pre-RoPE key, value, token/message ids, strength) and
 serves the attention read (top-k by inner product): up to ``exact_max`` entries by an exact scan of
-the slot's key column (one matmul per head, one top-k for all heads of the layer), above it by the
-slot's approximate FAISS index (IVF by default, see `VectorIndex`). Beside the slots, a kNN-LM
-store holds one entry per remembered token (final hidden state -> next token) for the output read.
+the slot's keys (a decoding step's few queries: the compiled scan of the blocked copy, all heads
+of a layer in one call; more queries: matmuls of the key column), above it by the slot's
+approximate FAISS index (IVF by default, see `VectorIndex`). Beside the slots, a kNN-LM store
+holds one entry per remembered token (final hidden state -> next token) for the output read,
+exact the same way (`kernels.nearest_l2`) up to ``exact_max`` tokens.
 
 Entries live in parallel numpy columns (`ColumnTable`) in insertion order = ascending entry id, so
 a search label is a row and ``searchsorted`` maps ids to rows. Entry ids are ``write base + token
@@ -28,18 +30,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from .blocked import BlockedRows
 from .columns import ColumnTable, Schema
 from .errors import ShapeError
 from .index import VectorIndex
 from .kernels import (
-    BLOCK,
-    block_rows,
-    block_tail,
-    blocks_for,
     first_roots,
     merge_rows,
+    nearest_l2,
     scaled_argmax,
     search_heads,
+    squared_norms,
     sum_by_id,
     widen_f16,
 )
@@ -59,6 +60,8 @@ _GEMM_MNK = 1 << 18
 # (BLAS needs the keys widened first), and still faster at 600; but its score buffer is queries x
 # entries, so history imports (hundreds of queries) stay with BLAS.
 _KERNEL_MAX_QUERIES = 96
+# Queries per call of the kNN read's exact scan (its distance buffer is queries x entries).
+_KNN_QUERY_BLOCK = 48
 _NO_KEYS = np.zeros((0, 0, 0, 0), dtype=np.float32)
 
 
@@ -280,13 +283,27 @@ def _common_schema() -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
 
 
 class EntryStore:
-    """Entries of one slot (or of the kNN store) with their FAISS index and dirty tracking."""
+    """Entries of one slot (or of the kNN store) with their FAISS index and dirty tracking; the
+    float16 column `blocked_column` is also kept blocked (`BlockedRows`) for the compiled exact
+    scans, in step with every change of the column."""
+
+    blocked_column = ""
 
     def __init__(self, schema: Schema, index: VectorIndex):
         self.table = ColumnTable(schema)
         self.index = index
         # (ids, refs) of stored entries removed since the last save
         self.dropped: list[tuple[np.ndarray, np.ndarray]] = []
+        self.blocked = BlockedRows(schema[self.blocked_column][1][0])
+
+    def _rows_changed(self, start: int) -> None:
+        """The rows from `start` on were appended or loaded (or moved by a compaction)."""
+        self.blocked.sync(self.col(self.blocked_column).view(np.uint16), start)
+
+    def _rows_removed(self, keep: np.ndarray, first: int) -> None:
+        """The table kept the rows where `keep` (over the old rows) is True; `first` is the
+        first removed row."""
+        self._rows_changed(first)
 
     def __len__(self) -> int:
         return self.table.n
@@ -326,14 +343,17 @@ class EntryStore:
 
     def load_rows(self, rows: dict[str, np.ndarray]) -> None:
         """Append stored entries (clean, sorted by id, after any present); index built lazily."""
+        n0 = len(self)
         self.table.append(rows)
         self.index.resync(len(self))
+        self._rows_changed(n0)
 
     def remove(self, mask: np.ndarray) -> int:
         """Drop the entries where `mask` is True; remember the stored ones for the next save."""
         m = int(mask.sum())
         if m == 0:
             return 0
+        first = int(np.argmax(mask))
         ref = self.col("ref")[mask]
         stored = ref >= 0
         if stored.any():
@@ -341,6 +361,7 @@ class EntryStore:
         keep = ~mask
         self.table.keep(keep)
         self.index.remove(keep)
+        self._rows_removed(keep, first)
         return m
 
     def evict(self, turn: int, params: MemoryParams) -> int:
@@ -365,13 +386,15 @@ class EntryStore:
         return self.remove(np.ones(len(self), dtype=bool))
 
     def nbytes(self) -> int:
-        """RAM of the columns (with spare capacity) and of the index."""
-        return self.table.nbytes() + self.index.nbytes()
+        """RAM of the columns (with spare capacity), the blocked copy and the index."""
+        return self.table.nbytes() + self.blocked.nbytes + self.index.nbytes()
 
 
 class KeySlot(EntryStore):
     """One (layer, KV head): pre-RoPE keys and values, both float16 (the read's scan streams every
     key once per decoded token: half the bytes of float32; the widened values are the same)."""
+
+    blocked_column = "key"  # the read's scan (`kernels.search_heads`)
 
     def __init__(self, head_dim: int, params: MemoryParams):
         schema = _common_schema()
@@ -394,48 +417,11 @@ class KeySlot(EntryStore):
         super().__init__(schema, index)
         self.head_dim = head_dim
         self.params = params
-        # the key column again, in blocks of BLOCK rows stored dimension-major, for the read's scan
-        # (`kernels.search_heads`); kept in step with every change of the column; rows past the
-        # live ones are zero up to `_blocked_hi` and beyond (never written)
-        self._blocked = np.zeros((0, head_dim, BLOCK), dtype=np.uint16)
-        self._blocked_hi = 0
 
     def blocked_keys(self) -> np.ndarray:
         """The key column's float16 bits in blocks: uint16 [ceil(n / BLOCK), D, BLOCK], row r at
         [r // BLOCK, :, r % BLOCK], the last block's rows past n zero (a view, kept in step)."""
-        return self._blocked[: blocks_for(len(self))]
-
-    def _reblock(self, start: int) -> None:
-        """Bring the blocked copy in step after the key rows from `start` on changed (an append
-        or a compaction); zero the rows past the live ones that held keys."""
-        n, need = len(self), blocks_for(len(self))
-        cap = len(self._blocked)
-        if need > cap or cap > 4 * max(need, 4):  # grow 1.25x, or give memory back
-            new = np.zeros((max(need, need + need // 4 + 4), self.head_dim, BLOCK), np.uint16)
-            whole = min(start // BLOCK, need)  # blocks that hold no changed row
-            new[:whole] = self._blocked[:whole]
-            self._blocked[:] = 0  # what was removed leaves no copy in freed memory either
-            self._blocked, self._blocked_hi, start = new, whole * BLOCK, whole * BLOCK
-        block_tail(self.col("key").view(np.uint16), start, self._blocked_hi, self._blocked)
-        self._blocked_hi = n
-
-    def load_rows(self, rows: dict[str, np.ndarray]) -> None:
-        """`EntryStore.load_rows`, and the loaded keys blocked."""
-        n0 = len(self)
-        super().load_rows(rows)
-        self._reblock(n0)
-
-    def remove(self, mask: np.ndarray) -> int:
-        """`EntryStore.remove`; the blocked keys compacted as the column (no copy stays)."""
-        first = int(np.argmax(mask)) if len(mask) else 0
-        m = super().remove(mask)
-        if m:
-            self._reblock(first)
-        return m
-
-    def nbytes(self) -> int:
-        """RAM of the columns, the blocked keys and the index."""
-        return super().nbytes() + self._blocked.nbytes
+        return self.blocked.view()
 
     def keys_f32(self) -> np.ndarray:
         """The key column widened to float32 [n, D] (a new array, for BLAS and FAISS)."""
@@ -544,10 +530,9 @@ class KeySlot(EntryStore):
         merging = np.flatnonzero(~new)
         rows = np.where(target[merging] >= 0, target[merging], row_of[np.maximum(root[merging], 0)])
         self._merge(rows, keys[merging], values[merging], turn)
-        self._reblock(n0)
-        old_rows = rows[rows < n0]
-        if len(old_rows):  # merged in place (repeats are harmless: the same final key)
-            block_rows(self.col("key").view(np.uint16), old_rows, self._blocked)
+        self._rows_changed(n0)
+        # merged in place (repeats are harmless: the same final key)
+        self.blocked.patch(self.col("key").view(np.uint16), rows[rows < n0])
         self.index.append(self.col("key")[n0:])
         if self.index.built:  # an approximate index holds its own copy of the merged keys
             old = np.unique(rows[rows < n0])
@@ -596,7 +581,12 @@ class KeySlot(EntryStore):
 
 
 class KnnStore(EntryStore):
-    """kNN-LM entries: final hidden state [Dm] (float16) -> next token id; L2 index."""
+    """kNN-LM entries: final hidden state [Dm] (float16) -> next token id. Up to exact_max
+    entries the read is an exact compiled scan of the blocked hidden states
+    (`kernels.nearest_l2`, with each row's squared norm kept beside them), above it the L2 FAISS
+    index (IVF by default)."""
+
+    blocked_column = "hidden"
 
     def __init__(self, hidden_dim: int, params: MemoryParams):
         schema = _common_schema()
@@ -617,6 +607,26 @@ class KnnStore(EntryStore):
         )
         super().__init__(schema, index)
         self.params = params
+        self._norms2 = np.zeros(0, dtype=np.float32)  # |hidden|^2 per row
+
+    def _rows_changed(self, start: int) -> None:
+        """`EntryStore._rows_changed`, and the new rows' squared norms."""
+        super()._rows_changed(start)
+        bits = self.col("hidden").view(np.uint16)
+        norms2 = np.empty(len(bits), dtype=np.float32)
+        norms2[:start] = self._norms2[:start]
+        squared_norms(bits, start, norms2)
+        self._norms2 = norms2
+
+    def _rows_removed(self, keep: np.ndarray, first: int) -> None:
+        """`EntryStore._rows_removed`; the norms compacted, not recomputed (evictions take the
+        oldest rows, so the blocked copy moves from near row 0 each turn)."""
+        super()._rows_changed(first)
+        self._norms2 = self._norms2[keep]
+
+    def nbytes(self) -> int:
+        """`EntryStore.nbytes` and the squared norms."""
+        return super().nbytes() + self._norms2.nbytes
 
     def _hidden_f32(self) -> np.ndarray:
         """The hidden states widened to float32 (FAISS builds its index from them after a
@@ -645,12 +655,28 @@ class KnnStore(EntryStore):
                 "next_token_id": next_token_ids,
             }
         )
-        self.index.append(hidden.astype(np.float32))
+        self.index.append(hidden)
+        self._rows_changed(len(self) - T)
         return T
 
+    def _nearest(self, h: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(squared distances float32 [Q, k], rows int64 [Q, k]) of the k nearest rows, -1 past
+        the table; exact (`kernels.nearest_l2`) up to exact_max rows, else the FAISS index."""
+        if self.index.kind != "flat" or len(self) == 0 or k == 0:
+            return self.index.search(h, k)
+        Q = len(h)
+        rows = np.empty((Q, k), dtype=np.int64)
+        dist = np.empty((Q, k), dtype=np.float32)
+        blocked = self.blocked.view()
+        for a in range(0, Q, _KNN_QUERY_BLOCK):
+            b = min(Q, a + _KNN_QUERY_BLOCK)
+            nearest_l2(blocked, self._norms2, h[a:b], rows[a:b], dist[a:b])
+        return dist, rows
+
     def search(self, h: np.ndarray, k: int, turn: int) -> KnnResult:
-        """Top-k entries by squared L2 distance for hidden states `h` [Q, Dm]."""
-        dist, rows = self.index.search(h, k)
+        """Top-k entries by squared L2 distance for hidden states `h` [Q, Dm] (float32,
+        C-contiguous)."""
+        dist, rows = self._nearest(h, k)
         miss = rows < 0
         r = np.where(miss, 0, rows)
         if len(self) == 0:

@@ -48,9 +48,11 @@ def test_topk_rows_ties_keep_the_top_values() -> None:
     assert all(len(np.unique(c)) == k for c in cols)
 
 
-def _fill(mem: SessionMemory, rng: np.random.Generator, turns: int, T: int) -> None:
+def _fill(
+    mem: SessionMemory, rng: np.random.Generator, turns: int, T: int, knn: bool = False
+) -> None:
     """Random turns from the current one; head 2's keys are near one direction, so it merges
-    into few entries."""
+    into few entries. With `knn`, the tokens' hidden states too."""
     base = rng.standard_normal(D).astype(np.float32)
     first = mem.turn
     for turn in range(first, first + turns):
@@ -59,6 +61,9 @@ def _fill(mem: SessionMemory, rng: np.random.Generator, turns: int, T: int) -> N
         keys[:, 2] = base + 0.01 * keys[:, 2]
         values = rng.standard_normal((L, H, T, D)).astype(np.float32)
         mem.write(keys, values, np.arange(T), np.full(T, turn), np.arange(T))
+        if knn:
+            hidden = rng.standard_normal((T, DM)).astype(np.float32)
+            mem.write_knn(hidden, np.arange(T), np.arange(T), np.full(T, turn), np.arange(T))
 
 
 def _check_exact(mem: SessionMemory, rng: np.random.Generator, k: int) -> None:
@@ -250,25 +255,27 @@ def test_kernel_float16_conversion_is_exact_for_every_bit_pattern(widen: str) ->
 
 
 def _check_blocked(mem: SessionMemory) -> None:
-    """Every slot's blocked keys are its key column's bits, block by block, and the rows past
-    its entries (the last block's padding and the spare blocks) are zero."""
+    """Every store's blocked copy is its vector column's bits (keys, and the kNN store's hidden
+    states), block by block, and the rows past its entries (the last block's padding and the
+    spare blocks) are zero; the kNN store's squared norms are its rows'."""
     from memory_store.kernels import BLOCK, blocks_for
 
-    for layer in mem.slots:
-        for slot in layer:
-            n, bits = len(slot), slot.col("key").view(np.uint16)
-            padded = np.zeros((blocks_for(n) * BLOCK, D), np.uint16)
-            padded[:n] = bits
-            want = padded.reshape(-1, BLOCK, D).transpose(0, 2, 1)
-            np.testing.assert_array_equal(slot.blocked_keys(), want)
-            assert not slot._blocked[blocks_for(n) :].any()
+    for store in mem.stores():
+        n, bits = len(store), store.col(store.blocked_column).view(np.uint16)
+        padded = np.zeros((blocks_for(n) * BLOCK, bits.shape[1]), np.uint16)
+        padded[:n] = bits
+        want = padded.reshape(-1, BLOCK, bits.shape[1]).transpose(0, 2, 1)
+        np.testing.assert_array_equal(store.blocked.view(), want)
+        assert not store.blocked._buf[blocks_for(n) :].any()
+    hidden = mem.knn.col("hidden").astype(np.float64)
+    np.testing.assert_allclose(mem.knn._norms2, (hidden**2).sum(1), rtol=1e-6)
 
 
-def test_blocked_keys_follow_writes_merges_evictions_forgets_and_loads(rng) -> None:
+def test_blocked_copies_follow_writes_merges_evictions_forgets_and_loads(rng) -> None:
     params = MemoryParams(merge_threshold=0.9, decay=0.9, floor=0.5)
     mem = SessionMemory(L, H, D, DM, params)
     _check_blocked(mem)
-    _fill(mem, rng, 3, 40)  # appends and merges within and across writes
+    _fill(mem, rng, 3, 40, knn=True)  # appends and merges within and across writes
     _check_blocked(mem)
     mem.set_turn(3)
     again = np.stack([mem.slots[layer][1].col("key")[:10] for layer in range(L)])[:, None]
@@ -278,16 +285,20 @@ def test_blocked_keys_follow_writes_merges_evictions_forgets_and_loads(rng) -> N
     mem.set_turn(8)
     assert mem.evict() > 0  # compaction from the first evicted row
     _check_blocked(mem)
+    rows = {name: mem.knn.col(name).copy() for name in mem.knn.table.schema}
+    assert mem.knn.forget_all() > 0 and not mem.knn.blocked._buf.any()
+    mem.knn.load_rows(rows)
+    _check_blocked(mem)
     ids = mem.slots[0][0].col("message_id")
     assert mem.forget_message(int(ids[len(ids) // 2])) > 0
     _check_blocked(mem)
     slot = mem.slots[1][1]
-    before = slot._blocked.copy()
-    assert slot.forget_all() > 0 and not slot._blocked.any()  # nothing forgotten stays
+    before = slot.blocked._buf.copy()
+    assert slot.forget_all() > 0 and not slot.blocked._buf.any()  # nothing forgotten stays
     assert before.any()
     slot.load_rows({name: mem.slots[1][0].col(name).copy() for name in slot.table.schema})
     _check_blocked(mem)
-    _fill(mem, rng, 2, 300)  # growth past the buffer's capacity
+    _fill(mem, rng, 2, 300, knn=True)  # growth past the buffer's capacity
     _check_blocked(mem)
 
 
@@ -359,3 +370,36 @@ def test_block_skipping_top_k_equals_the_full_scan(rng, n: int, k: int) -> None:
         np.testing.assert_array_equal(best, want_best)
         top = np.argsort(-scores, kind="stable")[:k]  # and both are the stable sort's
         np.testing.assert_array_equal(rows[: len(top)], top)
+
+
+@pytest.mark.parametrize("queries", [1, 3, 4, 50])
+def test_knn_exact_scan_matches_float64_brute_force(rng, queries: int) -> None:
+    """The kNN read's blocked scan (`kernels.nearest_l2`, queries in blocks of
+    `_KNN_QUERY_BLOCK`) against float64 distances to the same float16 hidden states, model width:
+    the same rows in the same order, distances to 1e-4; a query equal to a stored state finds it
+    first at distance ~0 (never below); k past the entries gives -1 and +inf. The FAISS index
+    is not built while the store is exact."""
+    dm = 576
+    mem = SessionMemory(L, H, D, dm, MemoryParams(decay=0.9, floor=0.5))
+    for turn in range(3):
+        mem.set_turn(turn)
+        hidden = (rng.standard_normal((300, dm)) * rng.uniform(0.5, 4, (300, 1))).astype(np.float32)
+        mem.write_knn(hidden, np.arange(300), np.arange(300), np.full(300, turn), np.arange(300))
+    mem.set_turn(7)
+    assert mem.evict() == 300  # the first turn's: a compaction from row 0, blocks and norms moved
+    x = mem.knn.col("hidden").astype(np.float64)
+    q = rng.standard_normal((queries, dm)).astype(np.float32) * 2
+    q[0] = x[17]  # a stored state itself
+    found = mem.knn_search(q, 8)
+    d2 = ((q.astype(np.float64)[:, None, :] - x[None]) ** 2).sum(-1)
+    want = np.argsort(d2, axis=1, kind="stable")[:, :8]
+    np.testing.assert_array_equal(found.ids, mem.knn.col("id")[want])
+    np.testing.assert_allclose(
+        found.distances, np.take_along_axis(d2, want, 1), rtol=1e-4, atol=1e-3 * (q[0] ** 2).sum()
+    )
+    assert found.distances[0, 0] >= 0 and found.distances[0, 0] < 1e-5 * d2[0, want[0, 1]]
+    n = len(mem.knn)
+    wide = mem.knn_search(q[:2], n + 5)
+    assert (wide.ids[:, n:] == -1).all() and np.isinf(wide.distances[:, n:]).all()
+    assert (np.diff(wide.distances[:, :n], axis=1) >= 0).all()
+    assert not mem.knn.index.built

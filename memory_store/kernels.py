@@ -645,6 +645,11 @@ def compile_kernels(n_heads: int) -> None:
     widen_f16(bits, np.zeros((0, 1), np.float32))
     block_rows(bits, np.zeros(0, np.int64), np.zeros((0, 1, BLOCK), np.uint16))
     block_tail(bits, 0, 0, np.zeros((0, 1, BLOCK), np.uint16))
+    squared_norms(bits, 0, np.zeros(0, np.float32))
+    nearest_l2(
+        np.zeros((0, 1, BLOCK), np.uint16), np.zeros(0, np.float32), np.zeros((1, 1), np.float32),
+        np.zeros((1, 1), np.int64), np.zeros((1, 1), np.float32),
+    )  # fmt: skip
     merge_rows(
         bits, bits, np.zeros(0, np.int64), np.zeros((0, 1), np.float32), bits, np.float32(0.5)
     )

@@ -205,12 +205,19 @@ f32_to_f16_bits: Any = _f32_to_f16_bits
 BLOCK = 16
 
 
-def _block_scorer(nq: int):  # type: ignore[no-untyped-def]  # returns a numba intrinsic
+def _block_scorer(nq: int, codes: bool = False, chains: int = 1):  # type: ignore[no-untyped-def]
     """Intrinsic `score(blocked, b, q, g0, dots, maxima)`: for j < nq, dots[g0 + j, b * BLOCK :
     (b + 1) * BLOCK] <- the scores of block `b` of `blocked` (uint16 float16 bits [blocks, D,
     BLOCK]) for query q[g0 + j] (float32 [Q, D], rows contiguous), and maxima[g0 + j, b] <- their
     largest; sums over d in order, one fused multiply-add each. Only where the CPU has F16C (the
-    vector half -> float conversion)."""
+    vector half -> float conversion).
+
+    With `codes`, `blocked` holds int8 codes instead, and each step is a multiply and an add
+    (fused where the target allows: no FMA library call on CPUs without it), for any CPU.
+
+    With `chains` > 1 each query's sum is split over that many accumulators (dimension d into
+    d % chains, the rest of D into the first), added up at the end: one query's FMAs otherwise
+    wait on each other (4 cycles each), a long dependent chain for wide rows."""
 
     def typer(typingctx, blocked, b, q, g0, dots, maxima):  # type: ignore[no-untyped-def]
         if any(a.layout != "C" for a in (blocked, q, dots, maxima)):
@@ -220,7 +227,7 @@ def _block_scorer(nq: int):  # type: ignore[no-untyped-def]  # returns a numba i
             i64, f32 = ir.IntType(64), ir.FloatType()
             vf = ir.VectorType(f32, BLOCK)
             vh = ir.VectorType(ir.HalfType(), BLOCK)
-            vi = ir.VectorType(ir.IntType(16), BLOCK)
+            vi = ir.VectorType(ir.IntType(8 if codes else 16), BLOCK)
             byte_ptr = ir.IntType(8).as_pointer()
             kb = context.make_array(sig.args[0])(context, builder, args[0])
             qa = context.make_array(sig.args[2])(context, builder, args[2])
@@ -246,28 +253,61 @@ def _block_scorer(nq: int):  # type: ignore[no-untyped-def]  # returns a numba i
                 )
 
             q_ptrs = [row_ptr(qa, r, ir.Constant(i64, 0), f32) for r in rows]
-            accs = []
+            accs = []  # accs[query][chain]
             for _ in range(nq):  # allocas of the entry block: LLVM keeps them in registers
-                acc = cgutils.alloca_once(builder, vf)
-                builder.store(ir.Constant(vf, None), acc)
-                accs.append(acc)
+                chain = []
+                for _ in range(chains):
+                    acc = cgutils.alloca_once(builder, vf)
+                    builder.store(ir.Constant(vf, None), acc)
+                    chain.append(acc)
+                accs.append(chain)
             zeros = ir.Constant(ir.VectorType(ir.IntType(32), BLOCK), [0] * BLOCK)
-            with cgutils.for_range(builder, dim) as loop:
-                d = loop.index
+
+            def step(d, c):  # type: ignore[no-untyped-def]
+                """Dimension `d` of the block into chain `c` of every query."""
                 ptr = builder.gep(base, [builder.mul(d, lanes)])
-                bits = builder.load(builder.bitcast(ptr, vi.as_pointer()), align=2)
-                x = builder.fpext(builder.bitcast(bits, vh), vf)
-                for q_ptr, acc in zip(q_ptrs, accs, strict=True):
+                bits = builder.load(builder.bitcast(ptr, vi.as_pointer()), align=1 if codes else 2)
+                x = (
+                    builder.sitofp(bits, vf)
+                    if codes
+                    else builder.fpext(builder.bitcast(bits, vh), vf)
+                )
+                for q_ptr, chain in zip(q_ptrs, accs, strict=True):
+                    acc = chain[c]
                     qd = builder.insert_element(
                         ir.Constant(vf, ir.Undefined),
                         builder.load(builder.gep(q_ptr, [d])),
                         ir.Constant(ir.IntType(32), 0),
                     )
                     splat = builder.shuffle_vector(qd, ir.Constant(vf, ir.Undefined), zeros)
-                    builder.store(builder.call(fma, [x, splat, builder.load(acc)]), acc)
+                    if codes:
+                        prod = builder.fmul(x, splat)
+                        total = builder.fadd(prod, builder.load(acc))
+                        for op in (prod, total):
+                            op.flags.append("contract")
+                        builder.store(total, acc)
+                    else:
+                        builder.store(builder.call(fma, [x, splat, builder.load(acc)]), acc)
+
+            width = ir.Constant(i64, chains)
+            whole = builder.udiv(dim, width)
+            with cgutils.for_range(builder, whole) as loop:
+                for c in range(chains):
+                    step(builder.add(builder.mul(loop.index, width), ir.Constant(i64, c)), c)
+            rest = builder.sub(dim, builder.mul(whole, width))
+            with cgutils.for_range(builder, rest) as loop:
+                step(builder.add(builder.mul(whole, width), loop.index), 0)
+            sums = []
+            for chain in accs:
+                parts = [builder.load(acc) for acc in chain]
+                while len(parts) > 1:  # pairwise
+                    parts = [
+                        builder.fadd(parts[i], parts[i + 1]) if i + 1 < len(parts) else parts[i]
+                        for i in range(0, len(parts), 2)
+                    ]
+                sums.append(parts[0])
             first = builder.mul(args[1], lanes)
-            for r, acc in zip(rows, accs, strict=True):
-                scores = builder.load(acc)
+            for r, scores in zip(rows, sums, strict=True):
                 builder.store(scores, row_ptr(da, r, first, vf), align=4)
                 builder.store(builder.call(vmax, [scores]), row_ptr(ma, r, args[1], f32))
             return context.get_dummy_value()
@@ -279,7 +319,8 @@ def _block_scorer(nq: int):  # type: ignore[no-untyped-def]  # returns a numba i
 
 @nb.njit(cache=True, nogil=True, inline="always")
 def _score_block_portable(blocked, b, q, g0, nq, dots, maxima):  # type: ignore[no-untyped-def]
-    """`_block_scorer` without F16C: the same sums, in the same order (no fused multiply-add)."""
+    """`_block_scorer` without F16C: the same sums, in order in one accumulator (no fused
+    multiply-add)."""
     D = q.shape[1]
     o = b * BLOCK
     for j in range(nq):
@@ -299,8 +340,8 @@ def _score_block_portable(blocked, b, q, g0, nq, dots, maxima):  # type: ignore[
 
 
 if HAS_F16C:
-    _score_block_1: Any = _block_scorer(1)
-    _score_block_3: Any = _block_scorer(3)
+    _score_block_1: Any = _block_scorer(1, chains=4)
+    _score_block_3: Any = _block_scorer(3, chains=2)
 
     @nb.njit(cache=True, nogil=True, inline="always")
     def _score_each_block(blocked, q, dots, maxima):  # type: ignore[no-untyped-def]
@@ -323,18 +364,112 @@ else:
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
+def _last_block_maxima(n, dots, maxima):  # type: ignore[no-untyped-def]
+    """maxima[g] of the last block over its `n` real rows only: the padding's zero scores may
+    exceed theirs."""
+    last = n // BLOCK
+    if n % BLOCK:
+        for g in range(dots.shape[0]):
+            m = dots[g, last * BLOCK]
+            for r in range(last * BLOCK + 1, n):
+                m = max(m, dots[g, r])
+            maxima[g, last] = m
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
 def _score_blocks(blocked, n, q, dots, maxima):  # type: ignore[no-untyped-def]
     """dots[g, :blocks * BLOCK] <- the scores of the `n` keys in `blocked` (padding: zero
     keys) for every query of `q` [Q, D], and maxima[g, b] <- the largest score of block b's keys
     (the padding left out)."""
     _score_each_block(blocked, q, dots, maxima)
-    last = n // BLOCK
-    if n % BLOCK:  # the padding's zero scores may exceed the last block's keys'
-        for g in range(q.shape[0]):
-            m = dots[g, last * BLOCK]
-            for r in range(last * BLOCK + 1, n):
-                m = max(m, dots[g, r])
-            maxima[g, last] = m
+    _last_block_maxima(n, dots, maxima)
+
+
+# one query (the kNN read: 576-wide rows) in four chains, three in two
+_score_codes_1: Any = _block_scorer(1, codes=True, chains=4)
+_score_codes_3: Any = _block_scorer(3, codes=True, chains=2)
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _score_code_blocks(codes, n, q, dots, maxima):  # type: ignore[no-untyped-def]
+    """`_score_blocks` of int8 codes [blocks, D, BLOCK] (`quantize_tail`) for queries `q` [Q, D]
+    already multiplied by the codes' scales: approximate scores (`_rescored_top_rows`)."""
+    Q = q.shape[0]
+    for b in range(codes.shape[0]):
+        g = 0
+        while g + 3 <= Q:  # three queries share each block's loads and conversions
+            _score_codes_3(codes, b, q, g, dots, maxima)
+            g += 3
+        while g < Q:
+            _score_codes_1(codes, b, q, g, dots, maxima)
+            g += 1
+    _last_block_maxima(n, dots, maxima)
+
+
+@nb.njit(cache=True, fastmath=FASTMATH, nogil=True, inline="always")
+def _exact_score(rows, r, q, g, norms2):  # type: ignore[no-untyped-def]
+    """q[g] . rows[r] (float16 bits [n, D]) in float32, less half norms2[r] where `norms2` is
+    given: one row's exact score (a vectorized dot product: its order of sums is LLVM's, the
+    same on every call)."""
+    acc = np.float32(0.0)
+    for d in range(rows.shape[1]):
+        acc += q[g, d] * _f16_bits_to_f32(rows[r, d])
+    if norms2.shape[0]:
+        acc = acc - np.float32(0.5) * norms2[r]
+    return acc
+
+
+@nb.njit(cache=True, fastmath=FASTMATH, nogil=True, inline="always")
+def _slack(q, scale, norms2, n):  # type: ignore[no-untyped-def]
+    """A bound on |approximate - exact score| for query q [D] of any of n rows quantized with
+    `scale` [D]: each code is off by at most half a step, sum |q_d| scale_d / 2, plus the
+    float32 rounding of both sums (at most 127 scale_d |q_d| per term, D + 1 roundings each)
+    and of subtracting half a squared norm (norms2 [n] or empty)."""
+    D = q.shape[0]
+    a = 0.0
+    for d in range(D):
+        a += abs(np.float64(q[d])) * np.float64(scale[d])
+    top = 0.0
+    for r in range(min(n, norms2.shape[0])):
+        top = max(top, np.float64(norms2[r]))
+    return a * (0.5 + 256.0 * (D + 2) * 2.0**-24) + top * 2.0**-22
+
+
+@nb.njit(cache=True, fastmath=FASTMATH, nogil=True, inline="always")
+def _rescored_top_rows(  # type: ignore[no-untyped-def]  # numba compiles it
+    approx, maxima, n, k, slack, rows, norms2, q, g, top, best, blocks_top, blocks_best
+):
+    """top/best [k] <- the k best of the n rows by exact score (`_exact_score`), by score
+    descending then row ascending (ties keep the lower row, as a full scan's top-k); top -1
+    and best -inf past n. `approx` [n] (block maxima `maxima`) are the rows' approximate
+    scores, each within `slack` of the exact one.
+
+    k blocks have a row whose approximate score reaches T, the k-th best block maximum, so the
+    k-th best exact score is at least T - slack, and a row whose approximate score is below
+    T - 2 slack is not among the k best; once k rows are scored exactly, nor is one below the
+    k-th best exact score less `slack`. Only the rest (a few dozen of ~1450 rows) are scored
+    exactly."""
+    blocks = (n + BLOCK - 1) // BLOCK
+    threshold = -np.inf
+    if blocks > k:
+        _top_rows(maxima, blocks, k, blocks_top, blocks_best)
+        threshold = blocks_best[k - 1] - np.float32(2.0 * slack)
+        threshold -= abs(threshold) * np.float32(2.0**-20)
+    for j in range(k):
+        top[j] = -1
+        best[j] = -np.inf
+    filled = 0
+    margin = np.float32(slack) * np.float32(1.0 + 2.0**-20)
+    for b in range(blocks):
+        if maxima[b] < threshold:
+            continue
+        for r in range(b * BLOCK, min(n, (b + 1) * BLOCK)):
+            if approx[r] >= threshold:
+                filled = _insert(_exact_score(rows, r, q, g, norms2), r, k, filled, top, best)
+                if filled == k:  # the k-th best exact score so far bounds the rest
+                    bound = best[k - 1] - margin
+                    bound -= abs(bound) * np.float32(2.0**-20)
+                    threshold = max(threshold, bound)
 
 
 def blocks_for(n: int) -> int:
@@ -490,16 +625,19 @@ def search_heads(  # type: ignore[no-untyped-def]  # numba compiles it; arrays t
 
 @nb.njit(cache=True, fastmath=FASTMATH, nogil=True)
 def nearest_l2(  # type: ignore[no-untyped-def]  # numba compiles it; arrays throughout
-    blocked,  # uint16 [ceil(n / BLOCK), D, BLOCK]: the rows' float16 bits, blocked
+    codes,  # int8 [ceil(n / BLOCK), D, BLOCK]: the rows quantized, blocked (`quantize_tail`)
+    scale,  # float32 [D]: the codes' step per dimension
+    bits,  # uint16 [n, D]: the rows' float16 bits
     norms2,  # float32 [n]: the rows' squared norms
     q,  # float32 [Q, D], C-contiguous
     out_rows,  # int64 [Q, k]
     out_dist,  # float32 [Q, k]
 ):
-    """Exact k nearest rows by squared L2 distance for each query, nearest first (ties by row),
-    from one blocked scan: |q - x|^2 = |q|^2 + |x|^2 - 2 q.x, the top-k taken on
-    q.x - |x|^2 / 2 (`_top_rows_blocked`). Places past the n rows get row -1 and distance +inf.
-    Distances are clamped at 0 (the expansion can round a near-duplicate's below it)."""
+    """Exact k nearest rows by squared L2 distance for each query, nearest first (ties by row):
+    |q - x|^2 = |q|^2 + |x|^2 - 2 q.x, the top-k taken on q.x - |x|^2 / 2, scanned on the int8
+    codes and rescored exactly from the float16 rows (`_rescored_top_rows`). Places past the n
+    rows get row -1 and distance +inf. Distances are clamped at 0 (the expansion can round a
+    near-duplicate's below it)."""
     Q, D = q.shape
     n = norms2.shape[0]
     k = out_rows.shape[1]
@@ -508,7 +646,13 @@ def nearest_l2(  # type: ignore[no-untyped-def]  # numba compiles it; arrays thr
     maxima = np.empty((Q, blocks), dtype=np.float32)
     best = np.empty(k, dtype=np.float32)
     rows = np.empty(k, dtype=np.int64)
-    _score_blocks(blocked, n, q, dots, maxima)
+    btop = np.empty(k, dtype=np.int64)
+    bbest = np.empty(k, dtype=np.float32)
+    scaled = np.empty((Q, D), dtype=np.float32)
+    for g in range(Q):
+        for d in range(D):
+            scaled[g, d] = q[g, d] * scale[d]
+    _score_code_blocks(codes, n, scaled, dots, maxima)
     for g in range(Q):
         s = dots[g]
         for b in range(blocks):
@@ -518,13 +662,73 @@ def nearest_l2(  # type: ignore[no-untyped-def]  # numba compiles it; arrays thr
                 s[r] = v
                 m = max(m, v)
             maxima[g, b] = m
-        _top_rows_blocked(s, maxima[g], n, k, rows, best)
+        slack = _slack(q[g], scale, norms2, n)
+        _rescored_top_rows(s, maxima[g], n, k, slack, bits, norms2, q, g, rows, best, btop, bbest)
         qn = np.float32(0.0)
         for d in range(D):
             qn += q[g, d] * q[g, d]
         for j in range(k):
             out_rows[g, j] = rows[j]
             out_dist[g, j] = max(np.float32(0.0), qn - 2 * best[j]) if rows[j] >= 0 else np.inf
+
+
+@nb.njit(cache=True, nogil=True)
+def quantize_tail(bits, start, hi, inv, codes, row):  # type: ignore[no-untyped-def]  # compiled
+    """codes[r // BLOCK, :, r % BLOCK] <- round(x_r * inv) of the float16 rows bits[r] (uint16
+    [n, D]) for r >= start (a value that is not finite gets code 0: only a corrupted import could
+    hold one, and reads of its row are then not exact), and zeros in rows n..hi - 1. Returns
+    False, rows partly written, when a code would leave [-127, 127] (the steps must grow:
+    `column_abs_max`). `row` is float32 [D] scratch: each row's codes are computed as one
+    vector loop, then scattered into the blocks."""
+    n, D = bits.shape
+    limit = np.float32(127.25)
+    half = np.float32(0.5)
+    for r in range(start, n):
+        bad = False
+        for d in range(D):  # a flag, not a maximum: the loop vectorizes
+            x = _f16_bits_to_f32(bits[r, d])
+            c = x * inv[d]
+            c = c if abs(x) < np.inf else np.float32(0.0)
+            bad |= abs(c) > limit
+            # to nearest (halves away from zero) by a truncating conversion, which vectorizes
+            row[d] = c + half if c >= 0 else c - half
+        if bad:
+            return False
+        b, i = r // BLOCK, r % BLOCK
+        for d in range(D):
+            codes[b, d, i] = np.int8(np.int32(row[d]))
+    for r in range(max(n, start), min(hi, codes.shape[0] * BLOCK)):
+        b, i = r // BLOCK, r % BLOCK
+        for d in range(D):
+            codes[b, d, i] = 0
+    return True
+
+
+@nb.njit(cache=True, nogil=True)
+def quantize_dims(bits, dims, inv, codes):  # type: ignore[no-untyped-def]  # numba compiles it
+    """`quantize_tail`'s codes of dimensions `dims` only, for every row of `bits` (uint16
+    [n, D]): after their steps grew (the steps never shrink, so these codes stay in range)."""
+    n = bits.shape[0]
+    half = np.float32(0.5)
+    for r in range(n):
+        b, i = r // BLOCK, r % BLOCK
+        for d in dims:
+            x = _f16_bits_to_f32(bits[r, d])
+            c = x * inv[d] if abs(x) < np.inf else np.float32(0.0)
+            codes[b, d, i] = np.int8(np.int32(c + half if c >= 0 else c - half))
+
+
+@nb.njit(cache=True, nogil=True)
+def column_abs_max(bits, out):  # type: ignore[no-untyped-def]  # numba compiles it
+    """out[d] <- the largest finite |x| of column d of the float16 rows bits (uint16 [n, D])."""
+    n, D = bits.shape
+    for d in range(D):
+        out[d] = 0.0
+    for r in range(n):
+        for d in range(D):
+            x = abs(_f16_bits_to_f32(bits[r, d]))
+            if x > out[d] and np.isfinite(x):
+                out[d] = x
 
 
 @nb.njit(cache=True, fastmath=FASTMATH, nogil=True)
@@ -646,8 +850,12 @@ def compile_kernels(n_heads: int) -> None:
     block_rows(bits, np.zeros(0, np.int64), np.zeros((0, 1, BLOCK), np.uint16))
     block_tail(bits, 0, 0, np.zeros((0, 1, BLOCK), np.uint16))
     squared_norms(bits, 0, np.zeros(0, np.float32))
+    codes, one = np.zeros((0, 1, BLOCK), np.int8), np.ones(1, np.float32)
+    quantize_tail(bits, 0, 0, one, codes, one)
+    column_abs_max(bits, np.zeros(1, np.float32))
+    quantize_dims(bits, np.zeros(0, np.int64), one, codes)
     nearest_l2(
-        np.zeros((0, 1, BLOCK), np.uint16), np.zeros(0, np.float32), np.zeros((1, 1), np.float32),
+        codes, one, bits, np.zeros(0, np.float32), np.zeros((1, 1), np.float32),
         np.zeros((1, 1), np.int64), np.zeros((1, 1), np.float32),
     )  # fmt: skip
     merge_rows(

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from .blocked import BlockedRows
+from .blocked import BlockedCodes, BlockedRows
 from .columns import ColumnTable, Schema
 from .errors import ShapeError
 from .index import VectorIndex
@@ -284,17 +284,18 @@ def _common_schema() -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
 
 class EntryStore:
     """Entries of one slot (or of the kNN store) with their FAISS index and dirty tracking; the
-    float16 column `blocked_column` is also kept blocked (`BlockedRows`) for the compiled exact
-    scans, in step with every change of the column."""
+    float16 column `blocked_column` is also kept `blocked` (as float16 bits or int8 codes, see
+    `memory_store.blocked`) for the compiled exact scans, in step with every change of the
+    column."""
 
     blocked_column = ""
 
-    def __init__(self, schema: Schema, index: VectorIndex):
+    def __init__(self, schema: Schema, index: VectorIndex, blocked: BlockedRows | BlockedCodes):
         self.table = ColumnTable(schema)
         self.index = index
         # (ids, refs) of stored entries removed since the last save
         self.dropped: list[tuple[np.ndarray, np.ndarray]] = []
-        self.blocked = BlockedRows(schema[self.blocked_column][1][0])
+        self.blocked = blocked
 
     def _rows_changed(self, start: int) -> None:
         """The rows from `start` on were appended or loaded (or moved by a compaction)."""
@@ -395,6 +396,7 @@ class KeySlot(EntryStore):
     key once per decoded token: half the bytes of float32; the widened values are the same)."""
 
     blocked_column = "key"  # the read's scan (`kernels.search_heads`)
+    blocked: BlockedRows
 
     def __init__(self, head_dim: int, params: MemoryParams):
         schema = _common_schema()
@@ -414,7 +416,7 @@ class KeySlot(EntryStore):
             approx=params.approx_index,  # type: ignore[arg-type]  # checked by MemoryParams
             nprobe=params.ivf_nprobe,
         )
-        super().__init__(schema, index)
+        super().__init__(schema, index, BlockedRows(head_dim))
         self.head_dim = head_dim
         self.params = params
 
@@ -582,11 +584,12 @@ class KeySlot(EntryStore):
 
 class KnnStore(EntryStore):
     """kNN-LM entries: final hidden state [Dm] (float16) -> next token id. Up to exact_max
-    entries the read is an exact compiled scan of the blocked hidden states
-    (`kernels.nearest_l2`, with each row's squared norm kept beside them), above it the L2 FAISS
-    index (IVF by default)."""
+    entries the read is an exact compiled scan of the hidden states' blocked int8 codes with an
+    exact rescoring (`kernels.nearest_l2`, each row's squared norm kept beside them), above it
+    the L2 FAISS index (IVF by default)."""
 
     blocked_column = "hidden"
+    blocked: BlockedCodes
 
     def __init__(self, hidden_dim: int, params: MemoryParams):
         schema = _common_schema()
@@ -605,7 +608,7 @@ class KnnStore(EntryStore):
             approx=params.approx_index,  # type: ignore[arg-type]
             nprobe=params.ivf_nprobe,
         )
-        super().__init__(schema, index)
+        super().__init__(schema, index, BlockedCodes(hidden_dim))
         self.params = params
         self._norms2 = np.zeros(0, dtype=np.float32)  # |hidden|^2 per row
 
@@ -619,8 +622,8 @@ class KnnStore(EntryStore):
         self._norms2 = norms2
 
     def _rows_removed(self, keep: np.ndarray, first: int) -> None:
-        """`EntryStore._rows_removed`; the norms compacted, not recomputed (evictions take the
-        oldest rows, so the blocked copy moves from near row 0 each turn)."""
+        """`EntryStore._rows_removed`; the norms compacted, not computed again (evictions take
+        the oldest rows: most rows move each turn)."""
         super()._rows_changed(first)
         self._norms2 = self._norms2[keep]
 
@@ -667,10 +670,11 @@ class KnnStore(EntryStore):
         Q = len(h)
         rows = np.empty((Q, k), dtype=np.int64)
         dist = np.empty((Q, k), dtype=np.float32)
-        blocked = self.blocked.view()
+        codes, scale = self.blocked.view(), self.blocked.scale
+        bits = self.col("hidden").view(np.uint16)
         for a in range(0, Q, _KNN_QUERY_BLOCK):
             b = min(Q, a + _KNN_QUERY_BLOCK)
-            nearest_l2(blocked, self._norms2, h[a:b], rows[a:b], dist[a:b])
+            nearest_l2(codes, scale, bits, self._norms2, h[a:b], rows[a:b], dist[a:b])
         return dist, rows
 
     def search(self, h: np.ndarray, k: int, turn: int) -> KnnResult:

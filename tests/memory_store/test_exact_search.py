@@ -255,16 +255,24 @@ def test_kernel_float16_conversion_is_exact_for_every_bit_pattern(widen: str) ->
 
 
 def _check_blocked(mem: SessionMemory) -> None:
-    """Every store's blocked copy is its vector column's bits (keys, and the kNN store's hidden
-    states), block by block, and the rows past its entries (the last block's padding and the
-    spare blocks) are zero; the kNN store's squared norms are its rows'."""
+    """Every slot's blocked keys are its key column's bits, and the kNN store's blocked codes
+    its hidden states' rint(x / step), within half a step of each value, block by block; the
+    rows past their entries (the last block's padding and the spare blocks) are zero; the kNN
+    store's squared norms are its rows'."""
     from memory_store.kernels import BLOCK, blocks_for
 
     for store in mem.stores():
-        n, bits = len(store), store.col(store.blocked_column).view(np.uint16)
-        padded = np.zeros((blocks_for(n) * BLOCK, bits.shape[1]), np.uint16)
-        padded[:n] = bits
-        want = padded.reshape(-1, BLOCK, bits.shape[1]).transpose(0, 2, 1)
+        n = len(store)
+        col = store.col(store.blocked_column)
+        if store is mem.knn:
+            x, step = col.astype(np.float32), mem.knn.blocked.scale
+            rows = np.rint(x * (np.float32(1) / step)).astype(np.int8)
+            assert (np.abs(rows * step - x) <= step * (0.5 + 1e-5)).all()
+        else:
+            rows = col.view(np.uint16)
+        padded = np.zeros((blocks_for(n) * BLOCK, col.shape[1]), rows.dtype)
+        padded[:n] = rows
+        want = padded.reshape(-1, BLOCK, col.shape[1]).transpose(0, 2, 1)
         np.testing.assert_array_equal(store.blocked.view(), want)
         assert not store.blocked._buf[blocks_for(n) :].any()
     hidden = mem.knn.col("hidden").astype(np.float64)
@@ -302,17 +310,19 @@ def test_blocked_copies_follow_writes_merges_evictions_forgets_and_loads(rng) ->
     _check_blocked(mem)
 
 
+@pytest.mark.parametrize("dim", [64, 67])
 @pytest.mark.parametrize("n", [1, 16, 50])
 @pytest.mark.parametrize("queries", [1, 2, 3, 4, 7])
-def test_block_scores_match_float64_on_both_paths(rng, queries: int, n: int) -> None:
+def test_block_scores_match_float64_on_both_paths(rng, queries: int, n: int, dim: int) -> None:
     """The blocked scan's scores and block maxima (F16C vector code where the CPU has it) and the
     portable loop's, against float64 products of the same float16 keys, head size 64 as the
-    model's; scores all negative, so the last block's zero padding must not count as its max."""
+    model's and one the vector code's accumulator chains do not divide; scores all negative, so
+    the last block's zero padding must not count as its max."""
     import numba
 
     from memory_store import kernels
 
-    dim, blocks = 64, kernels.blocks_for(n)
+    blocks = kernels.blocks_for(n)
     # positive queries, negative keys: every score below zero
     q = (np.abs(rng.standard_normal((queries, dim))) + 0.5).astype(np.float32)
     keys = (-np.abs(rng.standard_normal((n, dim))) * 3 - 1).astype(np.float16)
@@ -374,32 +384,86 @@ def test_block_skipping_top_k_equals_the_full_scan(rng, n: int, k: int) -> None:
 
 @pytest.mark.parametrize("queries", [1, 3, 4, 50])
 def test_knn_exact_scan_matches_float64_brute_force(rng, queries: int) -> None:
-    """The kNN read's blocked scan (`kernels.nearest_l2`, queries in blocks of
-    `_KNN_QUERY_BLOCK`) against float64 distances to the same float16 hidden states, model width:
-    the same rows in the same order, distances to 1e-4; a query equal to a stored state finds it
-    first at distance ~0 (never below); k past the entries gives -1 and +inf. The FAISS index
-    is not built while the store is exact."""
+    """The kNN read's scan of int8 codes with exact rescoring (`kernels.nearest_l2`, queries in
+    blocks of `_KNN_QUERY_BLOCK`) against float64 distances to the same float16 hidden states,
+    model width, with a few dimensions far larger than the rest (as real hidden states) and a
+    turn whose states outgrow the codes' steps: the same rows in the same order, distances to
+    1e-4; a query equal to a stored state finds it first at distance ~0 (never below); near
+    neighbours at nearly equal distances in the right order; k past the entries gives -1 and
+    +inf. The FAISS index is not built while the store is exact."""
     dm = 576
     mem = SessionMemory(L, H, D, dm, MemoryParams(decay=0.9, floor=0.5))
+
+    def check(q: np.ndarray, k: int = 8) -> None:
+        x = mem.knn.col("hidden").astype(np.float64)
+        found = mem.knn_search(q, k)
+        d2 = ((q.astype(np.float64)[:, None, :] - x[None]) ** 2).sum(-1)
+        want = np.argsort(d2, axis=1, kind="stable")[:, :k]
+        np.testing.assert_array_equal(found.ids, mem.knn.col("id")[want])
+        # the expansion |q|^2 + |x|^2 - 2 q.x rounds at float32 precision of |q|^2
+        atol = 1e-5 * float((q.astype(np.float64) ** 2).sum(1).max())
+        np.testing.assert_allclose(
+            found.distances, np.take_along_axis(d2, want, 1), rtol=1e-4, atol=atol
+        )
+
     for turn in range(3):
         mem.set_turn(turn)
-        hidden = (rng.standard_normal((300, dm)) * rng.uniform(0.5, 4, (300, 1))).astype(np.float32)
+        hidden = rng.standard_normal((300, dm)) * rng.uniform(0.5, 4, (300, 1))
+        hidden[:, [7, 300]] *= 40 * (turn + 1)  # outlier dimensions, growing: steps grow
+        hidden = hidden.astype(np.float32)
         mem.write_knn(hidden, np.arange(300), np.arange(300), np.full(300, turn), np.arange(300))
+        check(rng.standard_normal((queries, dm)).astype(np.float32) * 3)
+    assert mem.knn.blocked.requantized >= 2
     mem.set_turn(7)
-    assert mem.evict() == 300  # the first turn's: a compaction from row 0, blocks and norms moved
-    x = mem.knn.col("hidden").astype(np.float64)
-    q = rng.standard_normal((queries, dm)).astype(np.float32) * 2
+    assert mem.evict() == 300  # the first turn's: a compaction from row 0, codes and norms moved
+    x = mem.knn.col("hidden").astype(np.float32)
+    q = rng.standard_normal((queries, dm)).astype(np.float32) * 3
     q[0] = x[17]  # a stored state itself
+    if queries > 1:  # a point between two states, a hair nearer the second
+        q[1] = 0.5 * (x[40] + x[41]) + 1e-3 * (x[41] - x[40])
+    check(q)
     found = mem.knn_search(q, 8)
-    d2 = ((q.astype(np.float64)[:, None, :] - x[None]) ** 2).sum(-1)
-    want = np.argsort(d2, axis=1, kind="stable")[:, :8]
-    np.testing.assert_array_equal(found.ids, mem.knn.col("id")[want])
-    np.testing.assert_allclose(
-        found.distances, np.take_along_axis(d2, want, 1), rtol=1e-4, atol=1e-3 * (q[0] ** 2).sum()
-    )
-    assert found.distances[0, 0] >= 0 and found.distances[0, 0] < 1e-5 * d2[0, want[0, 1]]
+    assert found.ids[0, 0] == mem.knn.col("id")[17]
+    assert 0 <= found.distances[0, 0] < 1e-5 * (q[0] ** 2).sum()
     n = len(mem.knn)
     wide = mem.knn_search(q[:2], n + 5)
     assert (wide.ids[:, n:] == -1).all() and np.isinf(wide.distances[:, n:]).all()
     assert (np.diff(wide.distances[:, :n], axis=1) >= 0).all()
     assert not mem.knn.index.built
+
+
+@pytest.mark.parametrize("dim", [576, 67])
+@pytest.mark.parametrize("queries", [1, 3, 4])
+def test_code_block_scores_match_float64(rng, queries: int, dim: int) -> None:
+    """The int8 codes' scan (`_score_code_blocks`: one query in four accumulator chains, three
+    in two, any remainder of the dimensions) against float64 products of the same codes, with
+    block maxima over the real rows only."""
+    import numba
+
+    from memory_store import kernels
+
+    n = 37
+    blocks = kernels.blocks_for(n)
+    codes = rng.integers(-127, 128, (n, dim)).astype(np.int8)
+    padded = np.zeros((blocks * kernels.BLOCK, dim), np.int8)
+    padded[:n] = codes
+    blocked = np.ascontiguousarray(padded.reshape(-1, kernels.BLOCK, dim).transpose(0, 2, 1))
+    q = rng.standard_normal((queries, dim)).astype(np.float32)
+    q[:, 0] = -1000.0  # with codes[:, 0] >= 1 below: every score negative, padding's zero above
+    codes[:, 0] = np.abs(codes[:, 0]) + 1
+    blocked[:, 0, :] = np.abs(blocked[:, 0, :]) + 1
+    blocked[-1, 0, n % kernels.BLOCK or kernels.BLOCK :] = 0
+    want = q.astype(np.float64) @ codes.astype(np.float64).T
+
+    @numba.njit
+    def score(blocked: np.ndarray, n: int, q: np.ndarray, dots: np.ndarray, maxima) -> None:
+        kernels._score_code_blocks(blocked, n, q, dots, maxima)
+
+    dots = np.full((queries, len(padded)), np.nan, np.float32)
+    maxima = np.full((queries, blocks), np.nan, np.float32)
+    score(blocked, n, q, dots, maxima)
+    np.testing.assert_allclose(dots[:, :n], want, rtol=1e-5, atol=1e-2)
+    assert (dots[:, n:] == 0).all()
+    for b in range(blocks):
+        rows = slice(b * kernels.BLOCK, min(n, (b + 1) * kernels.BLOCK))
+        np.testing.assert_array_equal(maxima[:, b], dots[:, rows].max(axis=1))

@@ -304,7 +304,7 @@ def _cache_bytes(cache: Any) -> int:
 
 def scanned_bytes(memory: Any) -> dict[str, int]:
     """Bytes an exact read streams per decoded token: every exactly searched slot's key column
-    (all layers) and the kNN store's hidden states (when its index is exact), and how many slots
+    (all layers) and the kNN store's codes (when its index is exact), and how many slots
     are searched approximately instead (IVF/HNSW, not counted). With the read's time this gives
     the bandwidth the read reached, a floor for what an exact read can cost."""
     keys = knn = approx = 0
@@ -314,8 +314,8 @@ def scanned_bytes(memory: Any) -> dict[str, int]:
                 keys += slot.col("key").nbytes
             else:
                 approx += 1
-    if memory.knn.index.kind == "flat":
-        knn = memory.knn.col("hidden").nbytes
+    if memory.knn.index.kind == "flat":  # its scan reads int8 codes of the hidden states
+        knn = memory.knn.blocked.view().nbytes
     return {"keys": keys, "knn": knn, "approximate_slots": approx}
 
 

@@ -6,7 +6,8 @@ the slot's keys (a decoding step's few queries: the compiled scan of the blocked
 of a layer in one call; more queries: matmuls of the key column), above it by the slot's
 approximate FAISS index (IVF by default, see `VectorIndex`). Beside the slots, a kNN-LM store
 holds one entry per remembered token (final hidden state -> next token) for the output read,
-exact the same way (`kernels.nearest_l2`) up to ``exact_max`` tokens.
+exact as well up to ``exact_max`` tokens (`kernels.nearest_l2`: a scan of int8 codes of the
+hidden states, the rows it cannot rule out rescored).
 
 Entries live in parallel numpy columns (`ColumnTable`) in insertion order = ascending entry id, so
 a search label is a row and ``searchsorted`` maps ids to rows. Entry ids are ``write base + token

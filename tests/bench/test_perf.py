@@ -20,11 +20,12 @@ def test_perf_prints_rates_ratios_and_scanned_bytes(capsys: pytest.CaptureFixtur
     mem = out["memory"]["300"]
     assert mem["tokens"] >= 300 and mem["read_share"] > 0
     scanned = mem["scanned_bytes_per_token"]
-    # float16 keys of D=64 per exactly searched entry; float16 hidden states of 576 per token
+    # float16 keys of D=64 per exactly searched entry; int8 codes of the 576-wide hidden states,
+    # per token, in blocks of 16
     assert scanned["approximate_slots"] == 0
     assert scanned["keys"] > 0 and scanned["keys"] % (64 * 2) == 0
     assert scanned["keys"] // 128 <= mem["entries"]
-    assert scanned["knn"] > 0 and scanned["knn"] % (576 * 2) == 0
+    assert scanned["knn"] % (576 * 16) == 0 and 0 <= scanned["knn"] - 576 * mem["tokens"] < 576 * 16
     assert mem["read_gb_per_s"] > 0
     assert set(out["batched"]) >= {"1", "2"}
     turns = out["turns"]

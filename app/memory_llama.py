@@ -38,6 +38,7 @@ from app.fused import (
     bf16_bits,
     exp_nonpositive,
     loaded,
+    narrow_rows,
     rope_store,
     silu_mul,
     slide_window,
@@ -925,8 +926,9 @@ def _decode_layers(
     xb = bf16_bits(x)
     act: torch.Tensor | None = None
     q_rot = np.empty((n, hq, d), dtype=np.float32)
-    attn_out = torch.empty(n, hq * d)
-    attn_np = attn_out.numpy()
+    attn_np = np.empty((n, hq * d), dtype=np.float32)
+    attn_b = torch.empty(n, hq * d, dtype=torch.bfloat16)  # its bf16 copy, the projection's input
+    attn_bits = bf16_bits(attn_b)
     tables = []
     for p in pasts:
         cos, sin = rope_tables(model, p, 1, torch.float32)
@@ -956,9 +958,8 @@ def _decode_layers(
             read_s[b] += secs
             if cfgs[b].collect_mass and ids is not None and w_mem is not None:
                 masses[b].append((ids, w_mem))
-        add_rms_norm(
-            hn, bf16_bits(o_mm(attn_out.to(torch.bfloat16))), norm_post[layer_idx], eps, xb
-        )
+        narrow_rows(attn_np, attn_bits)
+        add_rms_norm(hn, bf16_bits(o_mm(attn_b)), norm_post[layer_idx], eps, xb)
         gate_up = bf16_bits(gate_up_mm(x))
         if act is None:
             act = torch.empty(n, gate_up.shape[1] // 2, dtype=torch.bfloat16)

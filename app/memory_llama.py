@@ -567,8 +567,8 @@ def knn_mix(
 
     ``p = (1 - lam) p_lm + lam p_mem`` is floored at 1e-30 before the log. ``p_mem`` is zero but
     on the (at most k) voted tokens, so the rest of the vocabulary is a shift in log space,
-    ``log p_lm + log(1 - lam)``, and only the voted tokens are mixed in probability space (two
-    passes over the vocabulary instead of seven)."""
+    ``log p_lm + log(1 - lam)``, and only the voted tokens are mixed in probability space: one
+    pass over the vocabulary, all of it in one compiled call (`mix_knn`)."""
     if memory is None or cfg.knn_lambda <= 0 or memory.token_count() == 0:
         return logprobs
     query = np.ascontiguousarray(hidden.float().numpy())

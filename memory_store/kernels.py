@@ -339,21 +339,30 @@ def _score_block_portable(blocked, b, q, g0, nq, dots, maxima):  # type: ignore[
         maxima[g, b] = m
 
 
-if HAS_F16C:
-    _score_block_1: Any = _block_scorer(1, chains=4)
-    _score_block_3: Any = _block_scorer(3, chains=2)
+def _block_loop(score_3: Any, score_1: Any) -> Any:
+    """A compiled `each(blocked, q, dots, maxima)`: every block of `blocked` scored for every
+    query of `q` by the intrinsics `score_3` (three queries, which share each block's loads and
+    conversions) and `score_1` (the rest)."""
 
     @nb.njit(cache=True, nogil=True, inline="always")
-    def _score_each_block(blocked, q, dots, maxima):  # type: ignore[no-untyped-def]
+    def each(blocked, q, dots, maxima):  # type: ignore[no-untyped-def]
         Q = q.shape[0]
         for b in range(blocked.shape[0]):
             g = 0
-            while g + 3 <= Q:  # three queries share each block's loads and conversions
-                _score_block_3(blocked, b, q, g, dots, maxima)
+            while g + 3 <= Q:
+                score_3(blocked, b, q, g, dots, maxima)
                 g += 3
             while g < Q:
-                _score_block_1(blocked, b, q, g, dots, maxima)
+                score_1(blocked, b, q, g, dots, maxima)
                 g += 1
+
+    return each
+
+
+if HAS_F16C:
+    _score_block_1: Any = _block_scorer(1, chains=4)
+    _score_block_3: Any = _block_scorer(3, chains=2)
+    _score_each_block: Any = _block_loop(_score_block_3, _score_block_1)
 
 else:
 
@@ -386,23 +395,16 @@ def _score_blocks(blocked, n, q, dots, maxima):  # type: ignore[no-untyped-def]
 
 
 # one query (the kNN read: 576-wide rows) in four chains, three in two
-_score_codes_1: Any = _block_scorer(1, codes=True, chains=4)
-_score_codes_3: Any = _block_scorer(3, codes=True, chains=2)
+_score_each_code_block: Any = _block_loop(
+    _block_scorer(3, codes=True, chains=2), _block_scorer(1, codes=True, chains=4)
+)
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
 def _score_code_blocks(codes, n, q, dots, maxima):  # type: ignore[no-untyped-def]
     """`_score_blocks` of int8 codes [blocks, D, BLOCK] (`quantize_tail`) for queries `q` [Q, D]
     already multiplied by the codes' scales: approximate scores (`_rescored_top_rows`)."""
-    Q = q.shape[0]
-    for b in range(codes.shape[0]):
-        g = 0
-        while g + 3 <= Q:  # three queries share each block's loads and conversions
-            _score_codes_3(codes, b, q, g, dots, maxima)
-            g += 3
-        while g < Q:
-            _score_codes_1(codes, b, q, g, dots, maxima)
-            g += 1
+    _score_each_code_block(codes, q, dots, maxima)
     _last_block_maxima(n, dots, maxima)
 
 
@@ -672,6 +674,20 @@ def nearest_l2(  # type: ignore[no-untyped-def]  # numba compiles it; arrays thr
             out_dist[g, j] = max(np.float32(0.0), qn - 2 * best[j]) if rows[j] >= 0 else np.inf
 
 
+@nb.njit(cache=True, nogil=True, inline="always")
+def _scaled(x, inv):  # type: ignore[no-untyped-def]  # numba compiles it
+    """x * inv, 0 for an x that is not finite (only a corrupted import could hold one; reads of
+    its row are then not exact)."""
+    return x * inv if abs(x) < np.inf else np.float32(0.0)
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _rounded(c):  # type: ignore[no-untyped-def]  # numba compiles it
+    """c moved half a unit away from zero: its truncating conversion to an integer rounds to
+    nearest (halves away from zero), and vectorizes."""
+    return c + np.float32(0.5) if c >= 0 else c - np.float32(0.5)
+
+
 @nb.njit(cache=True, nogil=True)
 def quantize_tail(bits, start, hi, inv, codes, row):  # type: ignore[no-untyped-def]  # compiled
     """codes[r // BLOCK, :, r % BLOCK] <- round(x_r * inv) of the float16 rows bits[r] (uint16
@@ -682,16 +698,12 @@ def quantize_tail(bits, start, hi, inv, codes, row):  # type: ignore[no-untyped-
     vector loop, then scattered into the blocks."""
     n, D = bits.shape
     limit = np.float32(127.25)
-    half = np.float32(0.5)
     for r in range(start, n):
         bad = False
         for d in range(D):  # a flag, not a maximum: the loop vectorizes
-            x = _f16_bits_to_f32(bits[r, d])
-            c = x * inv[d]
-            c = c if abs(x) < np.inf else np.float32(0.0)
+            c = _scaled(_f16_bits_to_f32(bits[r, d]), inv[d])
             bad |= abs(c) > limit
-            # to nearest (halves away from zero) by a truncating conversion, which vectorizes
-            row[d] = c + half if c >= 0 else c - half
+            row[d] = _rounded(c)
         if bad:
             return False
         b, i = r // BLOCK, r % BLOCK
@@ -708,14 +720,12 @@ def quantize_tail(bits, start, hi, inv, codes, row):  # type: ignore[no-untyped-
 def quantize_dims(bits, dims, inv, codes):  # type: ignore[no-untyped-def]  # numba compiles it
     """`quantize_tail`'s codes of dimensions `dims` only, for every row of `bits` (uint16
     [n, D]): after their steps grew (the steps never shrink, so these codes stay in range)."""
-    n = bits.shape[0]
-    half = np.float32(0.5)
-    for r in range(n):
+    for r in range(bits.shape[0]):
         b, i = r // BLOCK, r % BLOCK
         for d in dims:
-            x = _f16_bits_to_f32(bits[r, d])
-            c = x * inv[d] if abs(x) < np.inf else np.float32(0.0)
-            codes[b, d, i] = np.int8(np.int32(c + half if c >= 0 else c - half))
+            codes[b, d, i] = np.int8(
+                np.int32(_rounded(_scaled(_f16_bits_to_f32(bits[r, d]), inv[d])))
+            )
 
 
 @nb.njit(cache=True, nogil=True)

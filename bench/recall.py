@@ -101,6 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decay", type=float, default=None)
     ap.add_argument("--merge-threshold", type=float, default=None)
     ap.add_argument("--reinforce", type=float, default=None)
+    ap.add_argument(
+        "--exact-max",
+        type=int,
+        default=None,
+        help="entries per store searched exactly (approximate index above: its quality cost)",
+    )
+    ap.add_argument("--ivf-nprobe", type=int, default=None, help="IVF lists scanned per query")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument(
         "--weights",
@@ -143,8 +150,13 @@ def main(argv: list[str] | None = None) -> int:
         "decay": args.decay,
         "merge_threshold": args.merge_threshold,
         "reinforce": args.reinforce,
+        "exact_max": args.exact_max,
+        "ivf_nprobe": args.ivf_nprobe,
     }
-    params = replace(params, **{k: v for k, v in p_over.items() if v is not None})
+    try:
+        params = replace(params, **{k: v for k, v in p_over.items() if v is not None})
+    except ValueError as e:
+        ap.error(str(e))
     cases = load_cases(args.file, args.limit)
     full_window = int(getattr(lm.model.config, "max_position_embeddings", 8192))
     windows = {

@@ -15,8 +15,10 @@ few dozen scattered 128-byte rows per query cost more than the halved scan saved
 states (1152-byte rows, one query per token) it is a small part.
 
 The owner keeps a copy in step: `sync` after rows were appended, loaded or compacted (from the
-first changed row on), `BlockedRows.patch` after rows changed in place. Rows past the live ones
-are zero, and a buffer given back is zeroed first: what was removed leaves no copy.
+first changed row on), `BlockedRows.patch` after rows changed in place; `release` while the
+owner's reads are approximate (FAISS), after which `sync` from row 0 makes the copy again. Rows
+past the live ones are zero, and a buffer given back is zeroed first: what was removed leaves no
+copy.
 """
 
 from __future__ import annotations
@@ -69,6 +71,14 @@ class _Blocks:
             self._buf[:] = 0  # what was removed leaves no copy in freed memory either
             self._buf, self._hi, start = new, whole * BLOCK, whole * BLOCK
         return start
+
+    def release(self) -> None:
+        """Drop the copy (zeroed first: what it held leaves no copy in freed memory); the next
+        `sync` from row 0 makes it again."""
+        if len(self._buf):
+            self._buf[:] = 0
+            self._buf = np.zeros((0, self.dim, BLOCK), dtype=self.dtype)
+        self._hi = self.n = 0
 
     @property
     def nbytes(self) -> int:

@@ -287,7 +287,7 @@ class EntryStore:
     """Entries of one slot (or of the kNN store) with their FAISS index and dirty tracking; the
     float16 column `blocked_column` is also kept `blocked` (as float16 bits or int8 codes, see
     `memory_store.blocked`) for the compiled exact scans, in step with every change of the
-    column."""
+    column while the store is at most exact_max entries (above, FAISS serves its reads)."""
 
     blocked_column = ""
 
@@ -299,8 +299,14 @@ class EntryStore:
         self.blocked = blocked
 
     def _rows_changed(self, start: int) -> None:
-        """The rows from `start` on were appended or loaded (or moved by a compaction)."""
-        self.blocked.sync(self.col(self.blocked_column).view(np.uint16), start)
+        """The rows from `start` on were appended or loaded (or moved by a compaction). Above
+        exact_max the FAISS index serves the reads and no blocked copy is kept (its RAM given
+        back); back at or below it, the copy is made again from row 0."""
+        if self.index.kind != "flat":
+            self.blocked.release()
+            return
+        bits = self.col(self.blocked_column).view(np.uint16)
+        self.blocked.sync(bits, min(start, self.blocked.n))
 
     def _rows_removed(self, keep: np.ndarray, first: int) -> None:
         """The table kept the rows where `keep` (over the old rows) is True; `first` is the
@@ -421,6 +427,11 @@ class KeySlot(EntryStore):
         self.head_dim = head_dim
         self.params = params
 
+    def _rows_patched(self, rows: np.ndarray) -> None:
+        """Keys of `rows` changed in place (merges): the blocked copy follows, where kept."""
+        if self.blocked.n == len(self):
+            self.blocked.patch(self.col("key").view(np.uint16), rows)
+
     def blocked_keys(self) -> np.ndarray:
         """The key column's float16 bits in blocks: uint16 [ceil(n / BLOCK), D, BLOCK], row r at
         [r // BLOCK, :, r % BLOCK], the last block's rows past n zero (a view, kept in step)."""
@@ -533,10 +544,9 @@ class KeySlot(EntryStore):
         merging = np.flatnonzero(~new)
         rows = np.where(target[merging] >= 0, target[merging], row_of[np.maximum(root[merging], 0)])
         self._merge(rows, keys[merging], values[merging], turn)
+        self.index.append(self.col("key")[n0:])  # first: the index's size decides its kind
         self._rows_changed(n0)
-        # merged in place (repeats are harmless: the same final key)
-        self.blocked.patch(self.col("key").view(np.uint16), rows[rows < n0])
-        self.index.append(self.col("key")[n0:])
+        self._rows_patched(rows[rows < n0])  # merged in place (repeats: the same final key)
         if self.index.built:  # an approximate index holds its own copy of the merged keys
             old = np.unique(rows[rows < n0])
             self.index.update(old, self.col("key")[old])

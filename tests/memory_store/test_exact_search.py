@@ -257,13 +257,16 @@ def test_kernel_float16_conversion_is_exact_for_every_bit_pattern(widen: str) ->
 def _check_blocked(mem: SessionMemory) -> None:
     """Every slot's blocked keys are its key column's bits, and the kNN store's blocked codes
     its hidden states' rint(x / step), within half a step of each value, block by block; the
-    rows past their entries (the last block's padding and the spare blocks) are zero; the kNN
-    store's squared norms are its rows'."""
+    rows past their entries (the last block's padding and the spare blocks) are zero; a store
+    above exact_max keeps none; the kNN store's squared norms are its rows'."""
     from memory_store.kernels import BLOCK, blocks_for
 
     for store in mem.stores():
         n = len(store)
         col = store.col(store.blocked_column)
+        if store.index.kind != "flat":  # FAISS serves the reads: no copy kept
+            assert store.blocked.n == 0 and store.blocked._buf.size == 0
+            continue
         if store is mem.knn:
             x, step = col.astype(np.float32), mem.knn.blocked.scale
             rows = np.rint(x * (np.float32(1) / step)).astype(np.int8)
@@ -430,6 +433,47 @@ def test_knn_exact_scan_matches_float64_brute_force(rng, queries: int) -> None:
     assert (wide.ids[:, n:] == -1).all() and np.isinf(wide.distances[:, n:]).all()
     assert (np.diff(wide.distances[:, :n], axis=1) >= 0).all()
     assert not mem.knn.index.built
+
+
+def test_blocked_copies_released_above_exact_max_and_made_again_below(rng) -> None:
+    """A store past exact_max (FAISS reads) gives its blocked copy back, merges into it meanwhile
+    touch no copy, and once a removal (from a row past 0) takes it back to exact_max or below
+    the copy is made again from row 0: reads are the exact scan's again (brute force), kNN
+    included."""
+    params = MemoryParams(merge_threshold=0.9, decay=0.9, floor=0.5, exact_max=70)
+    mem = SessionMemory(L, H, D, DM, params)
+    _fill(mem, rng, 1, 40, knn=True)
+    _check_blocked(mem)
+    assert mem.knn.blocked.nbytes > 0
+    flat_bytes = mem.nbytes()
+    mem.set_turn(5)
+    _fill(mem, rng, 1, 40, knn=True)  # 80 rows: above exact_max
+    assert mem.knn.index.kind == "ivf" and mem.slots[0][0].index.kind == "ivf"
+    _check_blocked(mem)
+    assert mem.slots[0][0].blocked.nbytes == 0
+    mem.set_turn(6)
+    again = np.stack([mem.slots[layer][1].col("key")[:10] for layer in range(L)])[:, None]
+    keys = np.repeat(again, H, axis=1) + 0.001  # merges in place while approximate
+    mem.write(keys, keys, np.arange(10), np.full(10, 9), np.arange(10))
+    _check_blocked(mem)
+    q = rng.standard_normal((H, 3, D)).astype(np.float32)
+    assert (mem.search(0, q, 4).ids[:2] >= 0).all()  # read through FAISS
+    # the second turn's entries forgotten (rows from the middle on): back below exact_max
+    assert mem.forget_message(5) > 0
+    assert mem.knn.index.kind == "flat" and mem.slots[0][0].index.kind == "flat"
+    _check_blocked(mem)
+    assert mem.nbytes() < 2 * flat_bytes
+    for layer in range(L):
+        r = mem.search(layer, q, 4)
+        for h in range(H):
+            slot = mem.slots[layer][h]
+            rows, _ = topk_ip(q[h], slot.col("key"), 4)
+            np.testing.assert_array_equal(r.ids[h], slot.col("id")[rows])
+    hq = rng.standard_normal((2, DM)).astype(np.float32)
+    x = mem.knn.col("hidden").astype(np.float64)
+    d2 = ((hq.astype(np.float64)[:, None] - x[None]) ** 2).sum(-1)
+    want = mem.knn.col("id")[np.argsort(d2, axis=1, kind="stable")[:, :5]]
+    np.testing.assert_array_equal(mem.knn_search(hq, 5).ids, want)
 
 
 @pytest.mark.parametrize("dim", [576, 67])

@@ -168,24 +168,60 @@ def hf_generate_rate(model: Any, prompt: list[int], n_tokens: int) -> dict[str, 
     return {"tokens_per_s": round(n / total, 2), "tokens_per_cpu_s": round(n / cpu, 2)}
 
 
-def llama_cpp_rate(prompt: list[int], n_tokens: int, threads: int) -> dict[str, float] | None:
-    """llama.cpp (llama-cpp-python) on the bundled GGUF, greedy; None when not installed."""
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        return None
-    from app.model import bundled_gguf_path
+# Run in a child process: a llama.cpp build whose kernels this CPU cannot run dies of SIGILL or
+# SIGSEGV at its first decode (both seen on this machine), which would end the whole bench.
+_LLAMA_CPP_CHILD = """
+import json, sys, time
+from llama_cpp import Llama
+path, threads, n_tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+prompt = json.loads(sys.stdin.read())
+llm = Llama(path, n_ctx=1024, n_threads=threads, verbose=False)
+llm.eval(prompt)  # the prompt, as the other conditions run it before timing
+t0, c0 = time.perf_counter(), time.process_time()
+for _ in range(n_tokens):
+    llm.eval([llm.sample(temp=0.0)])
+print(json.dumps({"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}))
+"""
 
-    llm = Llama(str(bundled_gguf_path()), n_ctx=1024, n_threads=threads, verbose=False)
-    llm.eval(prompt)  # the prompt, as the other conditions run it before timing
-    t0, c0 = time.perf_counter(), time.process_time()
-    for _ in range(n_tokens):
-        tok = llm.sample(temp=0.0)
-        llm.eval([tok])
-    total, cpu = time.perf_counter() - t0, time.process_time() - c0
+
+def llama_cpp_rate(
+    prompt: list[int], n_tokens: int, threads: int, gguf: Path | None = None
+) -> dict[str, Any] | None:
+    """llama.cpp (llama-cpp-python) on the bundled GGUF (or `gguf`), greedy, in a child process:
+    its rates, None when llama-cpp-python is not installed, or ``{"error": why}`` when the child
+    failed (a crash included)."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None
+    if gguf is None:
+        from app.model import bundled_gguf_path
+
+        gguf = bundled_gguf_path()
+    args = [str(gguf), str(threads), str(n_tokens)]
+    try:
+        child = subprocess.run(
+            [sys.executable, "-c", _LLAMA_CPP_CHILD, *args],
+            input=json.dumps([int(t) for t in prompt]),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": "llama.cpp did not finish in 600 s"}
+    if child.returncode != 0:
+        how = (
+            f"killed by signal {-child.returncode}"
+            if child.returncode < 0
+            else f"exit status {child.returncode}"
+        )
+        tail = child.stderr.strip().splitlines()[-1:] or [""]
+        return {"error": f"llama.cpp failed ({how}) {tail[0]}".strip()}
+    timing = json.loads(child.stdout.strip().splitlines()[-1])
     return {
-        "tokens_per_s": round(n_tokens / total, 2),
-        "tokens_per_cpu_s": round(n_tokens / cpu, 2),
+        "tokens_per_s": round(n_tokens / timing["seconds"], 2),
+        "tokens_per_cpu_s": round(n_tokens / timing["cpu_seconds"], 2),
     }
 
 
@@ -426,9 +462,12 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.repeats):
         print(f"decode runs {r + 1}/{args.repeats}", file=sys.stderr)
         runs["transformers"].append(hf_generate_rate(plain, prompt, args.tokens))
-        ref = llama_cpp_rate(prompt, args.tokens, args.threads)
-        if ref is not None:
-            runs["llama_cpp"].append(ref)
+        if "llama_cpp_error" not in result:
+            ref = llama_cpp_rate(prompt, args.tokens, args.threads)
+            if ref is not None and "error" in ref:
+                result["llama_cpp_error"] = ref["error"]  # reported; not tried again
+            elif ref is not None:
+                runs["llama_cpp"].append(ref)
         for f in formats:
             runs[f"no_memory_{f}"].append(decode_rate(models[f], None, args.tokens, read))
         for size, (mem, _, _) in memories.items():

@@ -44,3 +44,44 @@ def test_perf_refuses_counts_below_one(capsys: pytest.CaptureFixture[str]) -> No
         perf.main(["--rounds", "0"])
     assert exc.value.code == 2
     assert "--rounds must be at least 1" in capsys.readouterr().err
+
+
+_FAKE_LLAMA = """
+import os, signal
+
+
+class Llama:
+    def __init__(self, path, n_ctx, n_threads, verbose):
+        assert os.path.isfile(path) and n_threads == 1
+        self.n = 0
+
+    def eval(self, tokens):
+        if os.environ.get("FAKE_LLAMA_CRASH"):
+            os.kill(os.getpid(), signal.SIGILL)  # what a build for another CPU does here
+        self.n += len(tokens)
+
+    def sample(self, temp):
+        return self.n
+"""
+
+
+@pytest.mark.parametrize("crash", [False, True])
+def test_llama_cpp_runs_in_a_child_that_may_crash(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, crash: bool
+) -> None:
+    """The llama.cpp reference runs in a child process: its rates come back, and a build this
+    CPU cannot run (dying of SIGILL at its first decode, as one did here) is reported instead of
+    ending the bench. A stand-in `llama_cpp` module plays the library (not a dependency)."""
+    (tmp_path / "llama_cpp.py").write_text(_FAKE_LLAMA)
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    if crash:
+        monkeypatch.setenv("FAKE_LLAMA_CRASH", "1")
+    got = perf.llama_cpp_rate([1, 2, 3], 8, 1, gguf=gguf)
+    assert got is not None
+    if crash:
+        assert "signal 4" in got["error"] and "tokens_per_s" not in got
+    else:
+        assert got["tokens_per_s"] > 0 and got["tokens_per_cpu_s"] > 0 and "error" not in got

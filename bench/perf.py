@@ -199,10 +199,9 @@ def llama_cpp_rate(
         from app.model import bundled_gguf_path
 
         gguf = bundled_gguf_path()
-    args = [str(gguf), str(threads), str(n_tokens)]
     try:
         child = subprocess.run(
-            [sys.executable, "-c", _LLAMA_CPP_CHILD, *args],
+            [sys.executable, "-c", _LLAMA_CPP_CHILD, str(gguf), str(threads), str(n_tokens)],
             input=json.dumps([int(t) for t in prompt]),
             capture_output=True,
             text=True,
@@ -216,8 +215,8 @@ def llama_cpp_rate(
             if child.returncode < 0
             else f"exit status {child.returncode}"
         )
-        tail = child.stderr.strip().splitlines()[-1:] or [""]
-        return {"error": f"llama.cpp failed ({how}) {tail[0]}".strip()}
+        last = child.stderr.strip().rsplit("\n", 1)[-1]  # its last line of stderr, if any
+        return {"error": f"llama.cpp failed ({how}) {last}".strip()}
     timing = json.loads(child.stdout.strip().splitlines()[-1])
     return {
         "tokens_per_s": round(n_tokens / timing["seconds"], 2),
